@@ -1,0 +1,47 @@
+"""spikerl's model side: spiking neurons, the SpikingMamba HF model, conversion, energy, kernels.
+
+Importing this package registers `spiking_mamba` with `AutoConfig` / `AutoModelForCausalLM`, so
+any stage's output loads with `AutoModelForCausalLM.from_pretrained(folder)` after `import spiking`.
+Nothing here knows about recipes or stages.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .convert import calibrate, from_teacher, to_hf_mamba
+from .energy import *  # noqa: F403 - helper A's public names (estimate_energy, energy_ratio, ...)
+from .energy import __all__ as _energy_all
+from .kernels import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
+from .modeling import (
+    PLACEMENTS,
+    SpikingMambaConfig,
+    SpikingMambaForCausalLM,
+    SpikingMambaModel,
+    SpikingMambaPreTrainedModel,
+    default_neurons,
+    lora_target_modules,
+)
+from .neurons import *  # noqa: F403 - SILIF, ATMN, NEURON_KINDS, make_neuron, count_spikes, ...
+from .neurons import __all__ as _neurons_all
+
+AutoConfig.register(SpikingMambaConfig.model_type, SpikingMambaConfig, exist_ok=True)
+AutoModel.register(SpikingMambaConfig, SpikingMambaModel, exist_ok=True)
+AutoModelForCausalLM.register(SpikingMambaConfig, SpikingMambaForCausalLM, exist_ok=True)
+
+__all__ = [
+    "PLACEMENTS",
+    "SpikingMambaConfig",
+    "SpikingMambaForCausalLM",
+    "SpikingMambaModel",
+    "SpikingMambaPreTrainedModel",
+    "calibrate",
+    "default_neurons",
+    "from_teacher",
+    "lora_target_modules",
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "to_hf_mamba",
+    *_neurons_all,
+    *_energy_all,
+]
