@@ -100,10 +100,26 @@ class StageContext:
         return self.out_dir / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        """Newest complete `checkpoint-N/` of an interrupted earlier attempt, or None."""
-        from transformers.trainer_utils import get_last_checkpoint
+        """Newest complete `checkpoint-N/` of an interrupted earlier attempt, or None.
+
+        Complete = its `trainer_state.json` parses: HF Trainer writes that file last, so a run
+        killed while saving checkpoint-N leaves it without one and the previous checkpoint is used.
+        """
+        import json
+        import re
 
         if not self.checkpoint_dir.is_dir():
             return None
-        last = get_last_checkpoint(str(self.checkpoint_dir))
-        return Path(last) if last else None
+        steps = {}
+        for path in self.checkpoint_dir.iterdir():
+            match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+            if match and path.is_dir():
+                steps[int(match.group(1))] = path
+        for step in sorted(steps, reverse=True):
+            try:
+                json.loads((steps[step] / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                self.logger.warning("%s: ignoring the incomplete checkpoint %s", self.stage, steps[step])
+                continue
+            return steps[step]
+        return None

@@ -1,0 +1,312 @@
+"""distill stage: single-stage knowledge distillation from a Mamba teacher into SpikingMamba.
+
+    spikerl run recipes/tiny.yaml --only distill
+
+Student = the teacher's architecture and weights with SI-LIF neurons at the configured placement
+(methods.md §2), thresholds calibrated on a few batches before the first step. The teacher is
+frozen. Training is the HF `Trainer` with a `compute_loss` override (methods.md §4):
+
+    L = w_kl · τ² · KL(p_T ‖ p_S) + w_hid · mean_l MSE(h_T^l, h_S^l) + w_ce · CE(labels)
+
+so checkpoints, resume, gradient accumulation, logging, accelerate and DeepSpeed come from the
+library. SGC (methods.md §3) mixes the continuous input back in with λ annealed λ0 → 0 over the
+first `anneal` fraction of steps by a `TrainerCallback`; the rest trains the pure spiking forward.
+
+Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
+`AutoModelForCausalLM.from_pretrained` after `import spiking`) and the tokenizer; checkpoints go to
+`run_dir/distill/checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+from pydantic import Field, field_validator
+from transformers import AutoTokenizer, Trainer, TrainerCallback
+
+import spiking
+from stages import tasks
+from stages.context import StageContext, StrictModel
+from stages.teacher import JsonLogCallback, build_training_args, check_trainer_keys, check_vocab, collate_blocks, load_compute_teacher
+
+
+class NeuronSpec(StrictModel):
+    """The spiking neuron put at every configured placement."""
+
+    kind: Literal["si_lif", "atmn"] = Field("si_lif", description="si_lif: signed integer spikes; atmn: ternary multi-step")
+    D: int = Field(4, ge=1, description="si_lif max spike count per token: more levels = closer to the teacher, more spikes")
+    T: int = Field(4, ge=1, description="atmn steps per token")
+    tau: float = Field(1.0, gt=0, description="atmn leak (1 = none)")
+    learnable: bool = Field(True, description="learn the threshold (LSQ / exp(a) gradient)")
+
+    def spec(self) -> dict:
+        if self.kind == "si_lif":
+            return {"kind": "si_lif", "D": self.D, "learnable": self.learnable}
+        return {"kind": "atmn", "T": self.T, "tau": self.tau, "learnable": self.learnable}
+
+
+class SGCConfig(StrictModel):
+    """Smoothed gradient compensation: y = (1-λ)·s·V + λ·x, λ annealed to 0 (training only)."""
+
+    lambda0: float = Field(0.5, ge=0, le=1, description="λ at step 0: more = smoother early gradients, bigger train/deploy gap")
+    anneal: float = Field(0.8, gt=0, le=1, description="fraction of steps over which λ falls to 0; the rest trains pure spikes")
+
+
+class LossConfig(StrictModel):
+    """Weights of the distillation loss terms."""
+
+    kl: float = Field(1.0, ge=0, description="forward KL(p_T‖p_S) on the logits, × temperature²")
+    hidden: float = Field(1.0, ge=0, description="mean over blocks of MSE between residual streams")
+    ce: float = Field(0.0, ge=0, description="cross-entropy on the corpus labels")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature τ of the KL term")
+
+
+class Config(StrictModel):
+    """`stages.distill:` recipe section."""
+
+    neuron: NeuronSpec = Field(default_factory=NeuronSpec, description="neuron at each placement")
+    placement: list[str] = Field(
+        default_factory=lambda: ["in_proj", "out_proj"],
+        description="where neurons sit: in_proj, out_proj, x_proj, mlp.up, mlp.down (paper: in_proj, out_proj)",
+    )
+    sgc: SGCConfig | Literal[False] = Field(default_factory=SGCConfig, description="SGC schedule, or false to train pure spikes")
+    loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
+    calibration_batches: int = Field(4, ge=1, description="batches used to initialise thresholds before step 1")
+    teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
+    max_steps: int = Field(400, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (paper scale: 2e-5)")
+    batch_size: int = Field(32, ge=1, description="sequences per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warmup fraction")
+    lr_scheduler: str = Field("cosine", description="HF scheduler name")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    save_steps: int = Field(100, ge=1, description="checkpoint every N steps (resume point)")
+    logging_steps: int = Field(20, ge=1, description="log losses, λ and firing rates every N steps")
+    eval_samples: int = Field(200, ge=1, description="held-out prompts for the accuracy metric")
+    eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity and energy")
+    eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
+    trainer: dict[str, Any] = Field(default_factory=dict, description="extra TrainingArguments fields, passed through")
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_trainer_keys(value)
+
+
+def sgc_lambda(step: int, max_steps: int, sgc: SGCConfig | Literal[False]) -> float:
+    """λ at optimizer step `step`: linear λ0 → 0 over the first `anneal·max_steps` steps, then 0."""
+    if sgc is False:
+        return 0.0
+    horizon = sgc.anneal * max_steps
+    return sgc.lambda0 * max(0.0, 1.0 - step / horizon)
+
+
+class SGCSchedule(TrainerCallback):
+    """Sets λ on every neuron before each optimizer step (state.global_step survives resume)."""
+
+    def __init__(self, model: torch.nn.Module, sgc: SGCConfig | Literal[False]):
+        self.model, self.sgc = model, sgc
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        spiking.set_sgc_lambda(self.model, sgc_lambda(state.global_step, state.max_steps, self.sgc))
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: tuple[torch.Tensor, ...],
+    teacher_hidden: tuple[torch.Tensor, ...],
+    labels: torch.Tensor | None,
+    loss: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """The three terms and their weighted sum.
+
+    logits: [B, L, V]; hidden: one [B, L, D] per block (the residual stream after the block);
+    labels: [B, L] (next-token targets are labels shifted by one; -100 ignored).
+    Returns {"loss": weighted sum (differentiable), "kl", "hidden_mse", "ce": detached terms}.
+    KL is averaged over tokens (batchmean over B·L), as in MambaInLlama.
+    """
+    tau = loss.temperature
+    vocab = student_logits.shape[-1]
+    log_q = F.log_softmax(student_logits.float().reshape(-1, vocab) / tau, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / tau, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * tau**2
+    if student_hidden:
+        hidden = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden, teacher_hidden)]).mean()
+    else:
+        hidden = torch.zeros((), device=student_logits.device)
+    if labels is not None and loss.ce > 0:
+        ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    else:
+        ce = torch.zeros((), device=student_logits.device)
+    total = loss.kl * kl + loss.hidden * hidden + loss.ce * ce
+    return {"loss": total, "kl": kl.detach(), "hidden_mse": hidden.detach(), "ce": ce.detach()}
+
+
+class DistillTrainer(Trainer):
+    """HF Trainer whose loss is the distillation loss against a frozen teacher."""
+
+    # compute_loss returns a per-micro-batch mean: let training_step divide by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, teacher: torch.nn.Module, loss_cfg: LossConfig, sgc: SGCConfig | Literal[False], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.loss_cfg, self.sgc = teacher, loss_cfg, sgc
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._rates: dict[str, float] = {}  # firing rate per placement, from the last counted step
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        want_hidden = self.loss_cfg.hidden > 0
+        labels = inputs.get("labels")
+        batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            t_out = self.teacher(**batch, output_hidden_states=want_hidden)
+        # count spikes only on logging steps: the hot path pays nothing otherwise
+        counting = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
+        student = self.accelerator.unwrap_model(model)
+        if counting:
+            with spiking.count_spikes(student) as stats:
+                s_out = model(**batch, output_hidden_states=want_hidden)
+        else:
+            s_out = model(**batch, output_hidden_states=want_hidden)
+        # hidden_states (HF Mamba convention): each block's output, then norm_f of the last one;
+        # [:-1] = the residual stream after every block, [B, L, D] each
+        terms = distillation_loss(
+            s_out.logits,
+            t_out.logits,
+            s_out.hidden_states[:-1] if want_hidden else (),
+            t_out.hidden_states[:-1] if want_hidden else (),
+            labels,
+            self.loss_cfg,
+        )
+        if model.training:
+            for name in ("kl", "hidden_mse", "ce"):
+                self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
+            self._count += 1
+            if counting:
+                self._rates = {f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()}
+        return (terms["loss"], s_out) if return_outputs else terms["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            for name, total in self._sums.items():
+                logs[name] = round(total / self._count, 6)
+            logs.update(self._rates)
+            logs["sgc_lambda"] = sgc_lambda(self.state.global_step, self.state.max_steps, self.sgc)
+            self._sums, self._count = {}, 0
+        super().log(logs, start_time)
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    data_dir, teacher_dir = ctx.need("data"), ctx.need("teacher")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    corpus = load_from_disk(str(data_dir / "corpus"))
+    prompts = load_from_disk(str(data_dir / "prompts"))
+
+    # --- check every input before the first step: a bad one must not cost a training run
+    if len(corpus["train"]) == 0 or len(corpus["train"][0]["input_ids"]) == 0:
+        raise ValueError(f"stages.distill: the corpus at {data_dir / 'corpus'} has no tokens to distil on")
+    teacher = load_compute_teacher(teacher_dir, ctx, dtype=cfg.teacher_dtype)
+    check_vocab(teacher, tokenizer, f"stages.distill: teacher {teacher_dir}")
+    neurons = {placement: cfg.neuron.spec() for placement in cfg.placement}
+
+    # --- student: teacher weights + neurons; thresholds calibrated on a fresh start only (a
+    # checkpoint restores the trained ones, and re-calibrating would change the resumed run)
+    resume = ctx.last_checkpoint()
+    calibration = None
+    if resume is None:
+        n_blocks = min(cfg.calibration_batches * cfg.batch_size, len(corpus["train"]))
+        ids = torch.tensor(corpus["train"][:n_blocks]["input_ids"])  # [n_blocks, L]
+        calibration = [{"input_ids": chunk} for chunk in ids.split(cfg.batch_size)]
+    try:
+        student = spiking.from_teacher(
+            teacher, neurons=neurons, calibration_batches=calibration, scan_backend=ctx.model.scan_backend
+        )
+    except ValueError as error:  # e.g. an unknown placement: name the recipe field
+        raise ValueError(f"stages.distill.placement: {error}") from error
+    student.requires_grad_(True)  # the teacher was frozen; its copied weights are the student's own
+
+    test_prompts = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
+    budget = tasks.answer_token_budget(tokenizer, test_prompts["answer"])
+    converted_accuracy = None
+    if resume is None and ctx.is_main_process:
+        # the reference point: the same student right after conversion, before any distillation
+        converted_accuracy = tasks.exact_match_accuracy(
+            student, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size
+        )["accuracy"]
+        ctx.logger.info("distill: converted student (no training) accuracy %.3f", converted_accuracy)
+        _write_attempt_metric(ctx, "converted_accuracy", converted_accuracy)
+
+    trainer = DistillTrainer(
+        model=student,
+        args=build_training_args(cfg, ctx),
+        train_dataset=corpus["train"],
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        teacher=teacher,
+        loss_cfg=cfg.loss,
+        sgc=cfg.sgc,
+        callbacks=[
+            SGCSchedule(student, cfg.sgc),
+            JsonLogCallback(ctx.out_dir / "train_log.json"),
+            *ctx.extra.get("callbacks", []),
+        ],
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
+    trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
+
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step}
+    if not ctx.is_main_process:
+        return metrics
+    tokenizer.save_pretrained(ctx.out_dir)
+    # a resumed attempt reads the figure its first attempt recorded before training
+    metrics["converted_accuracy"] = _read_attempt_metric(ctx, "converted_accuracy")
+    metrics.update(_evaluate(student, teacher, tokenizer, corpus, test_prompts, budget, cfg))
+    return metrics
+
+
+def _write_attempt_metric(ctx: StageContext, key: str, value: float) -> None:
+    """Keep a figure measured before training next to the checkpoints, for a resumed attempt."""
+    path = ctx.out_dir / "pre_training_metrics.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(saved | {key: value}))
+
+
+def _read_attempt_metric(ctx: StageContext, key: str) -> float | None:
+    path = ctx.out_dir / "pre_training_metrics.json"
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
+
+
+@torch.no_grad()
+def _evaluate(student, teacher, tokenizer, corpus, test_prompts, budget: int, cfg: Config) -> dict[str, Any]:
+    """Held-out accuracy and perplexity of both models; firing rates and energy ratio on held-out blocks."""
+    student.eval()
+    blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
+    input_ids = torch.tensor(blocks["input_ids"], device=student.device)  # [eval_blocks, L]
+    report_t = spiking.estimate_energy(teacher, input_ids)
+    with spiking.count_spikes(student) as stats:
+        student(input_ids=input_ids)
+    report_s = spiking.estimate_energy(student, input_ids, stats=stats)
+    accuracy = {
+        name: tasks.exact_match_accuracy(model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size)
+        for name, model in (("student", student), ("teacher", teacher))
+    }
+    return {
+        "student_accuracy": accuracy["student"]["accuracy"],
+        "teacher_accuracy": accuracy["teacher"]["accuracy"],
+        "eval_samples": accuracy["student"]["n"],
+        "student_ppl": tasks.perplexity(student, blocks, cfg.eval_batch_size),
+        "teacher_ppl": tasks.perplexity(teacher, blocks, cfg.eval_batch_size),
+        "firing_rate": stats.firing_rate,
+        **{f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()},
+        "energy_pj_per_token_teacher": report_t.pj_per_token,
+        "energy_pj_per_token_student": report_s.pj_per_token,
+        "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,
+    }

@@ -1,0 +1,324 @@
+"""teacher stage: the Mamba teacher, pretrained from the hub or trained from scratch on the corpus.
+
+    spikerl run recipes/tiny.yaml --only teacher
+
+Where the teacher comes from is the recipe's top-level `model.teacher` (exactly one of):
+
+* `pretrained: state-spaces/mamba-130m-hf` (hub id or local folder): loaded with
+  `AutoModelForCausalLM.from_pretrained` and used as is; `finetune_pretrained: true` trains it
+  further on the corpus with the knobs below.
+* `train_from_scratch: {hidden_size: 128, num_hidden_layers: 4, ...}`: a small `MambaForCausalLM`
+  (`build_model`) trained on the data stage's packed corpus with the HF `Trainer` (causal LM,
+  labels = inputs).
+
+Training is resumable and deterministic: checkpoints `checkpoint-N/` (model, optimizer, scheduler,
+RNG, data position) go to `run_dir/teacher/checkpoints/`, a rerun resumes from the newest, and with
+the same seed the resumed final weights equal an uninterrupted run's. The final model and the
+tokenizer are saved with `save_pretrained` at the top of `run_dir/teacher/`; the metrics are the
+held-out exact-match accuracy and perplexity (stages/tasks.py).
+
+`build_training_args` and `load_compute_teacher` are shared with the distill stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import load_from_disk
+from pydantic import Field, field_validator
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MambaConfig,
+    MambaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from spiking import SpikingMambaConfig, SpikingMambaForCausalLM, from_teacher, to_hf_mamba
+from stages import tasks
+from stages.context import StageContext, StrictModel, TeacherArch
+
+# Recipe fields that set a TrainingArguments field: the `trainer:` passthrough may not set these
+# (one knob, one place), nor the ones the run owns (output_dir, seed, data_seed).
+OWNED_TRAINING_ARGS = {
+    "max_steps": "max_steps",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_steps": "warmup_ratio",
+    "lr_scheduler_type": "lr_scheduler",
+    "weight_decay": "weight_decay",
+    "save_steps": "save_steps",
+    "logging_steps": "logging_steps",
+    "save_total_limit": "save_total_limit",
+    "output_dir": None,
+    "seed": None,
+    "data_seed": None,
+}
+
+
+def check_trainer_keys(trainer: dict[str, Any], section: str = "trainer") -> dict[str, Any]:
+    """Every key of a `trainer:` passthrough must be a TrainingArguments field the stage does not own."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in trainer:
+        if key not in known:
+            raise ValueError(f"{section}.{key}: not a transformers TrainingArguments field")
+        if key in OWNED_TRAINING_ARGS:
+            owner = OWNED_TRAINING_ARGS[key]
+            where = f"set it with the stage's `{owner}` field" if owner else "the run sets it (run.seed / run.output_dir)"
+            raise ValueError(f"{section}.{key}: {where}, not through {section}")
+    return trainer
+
+
+class Config(StrictModel):
+    """`stages.teacher:` recipe section (the source is `model.teacher`)."""
+
+    max_steps: int = Field(500, ge=1, description="optimizer steps: more = better teacher, longer run")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (small models take 1e-3..3e-3)")
+    batch_size: int = Field(64, ge=1, description="packed blocks per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation: a larger batch at the same memory")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warmup")
+    lr_scheduler: str = Field("cosine", description="HF scheduler name: cosine, linear, constant_with_warmup …")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    save_steps: int = Field(100, ge=1, description="checkpoint every N steps: the resume point after a crash")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk (oldest deleted)")
+    logging_steps: int = Field(20, ge=1, description="log the loss every N steps (also to train_log.json)")
+    finetune_pretrained: bool = Field(
+        False, description="train a pretrained teacher on the corpus too (false: use it as loaded)"
+    )
+    eval_samples: int = Field(200, ge=1, description="held-out prompts scored for teacher_accuracy")
+    eval_blocks: int = Field(64, ge=1, description="held-out corpus blocks for teacher_ppl")
+    eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="generation budget per prompt (None: longest test answer + 2 tokens)"
+    )
+    trainer: dict[str, Any] = Field(
+        default_factory=dict, description="any other TrainingArguments field, passed through (e.g. bf16, optim)"
+    )
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_trainer_keys(value)
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+def build_model(arch: TeacherArch, tokenizer, scan_backend: str = "auto") -> SpikingMambaForCausalLM:
+    """A fresh Mamba with the vocabulary and special ids of `tokenizer`, for training from scratch.
+
+    This is the one place the from-scratch teacher's model class is chosen. It is the project's
+    `SpikingMambaForCausalLM` with no neurons: the same architecture, parameter names and numbers
+    as HF `MambaForCausalLM` (tests/test_modeling.py checks logits to 1e-5), but its CPU scan
+    trains ~4-70x faster than transformers' PyTorch path (benchmarks/student_vs_teacher.py).
+    `save_teacher` stores the result as a genuine `MambaForCausalLM` when it has no MLP.
+    """
+    config = SpikingMambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        state_size=arch.state_size,
+        expand=arch.expand,
+        conv_kernel=arch.conv_kernel,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        neurons={},
+        mlp_intermediate_size=arch.intermediate_size,  # a Mamba+MLP teacher (MAR's hybrid) when set
+        scan_backend=scan_backend,
+    )
+    return SpikingMambaForCausalLM(config)
+
+
+def save_teacher(out_dir: Path) -> None:
+    """Rewrite the trained model in `out_dir` as an HF `MambaForCausalLM` when the block allows it.
+
+    The Trainer saved the training class (gathering ZeRO-3 shards); reloading from disk keeps this
+    independent of how the weights were distributed. A Mamba+MLP teacher has no HF class and stays
+    a `SpikingMambaForCausalLM` without neurons.
+    """
+    trained = SpikingMambaForCausalLM.from_pretrained(out_dir)
+    if trained.config.mlp_intermediate_size is None:
+        to_hf_mamba(trained).save_pretrained(out_dir)
+
+
+def load_pretrained(name: str, ctx: StageContext, dtype: torch.dtype | str = "auto"):
+    """A pretrained causal LM from a hub id or a folder (HF Mamba / Mamba2, or any registered class)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=ctx.model.trust_remote_code, dtype=dtype)
+    except OSError as error:
+        raise ValueError(f"model.teacher.pretrained: cannot load '{name}' ({error})") from error
+
+
+def load_compute_teacher(teacher_dir: Path, ctx: StageContext, dtype: str = "float32"):
+    """The teacher stage's output, frozen in eval mode, on the compute device, for distillation.
+
+    Loaded into the project's mixer with no neurons (`from_teacher(..., neurons={})`): the same
+    numbers as HF Mamba, a faster CPU scan, and `hidden_states` in the same convention as the student.
+    """
+    model = from_teacher(str(teacher_dir), neurons={}, scan_backend=ctx.model.scan_backend)
+    model.to(dtype=getattr(torch, dtype))
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    """A model must have an embedding row for every token id the tokenizer can produce."""
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"{where}: the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens: the data stage's tokenizer does not belong to this model"
+        )
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def build_training_args(cfg, ctx: StageContext, **overrides) -> TrainingArguments:
+    """TrainingArguments from a stage config with the common knobs (max_steps, lr, batch_size, …).
+
+    Deterministic by construction: seed and data_seed from the run, no dataloader workers, so an
+    interrupted run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+    """
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.checkpoint_dir),
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of max_steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=getattr(cfg, "save_total_limit", 2),
+        logging_steps=cfg.logging_steps,
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        dataloader_num_workers=0,  # workers reseed per process: keep the data order in this one
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+    )
+    kwargs.update(check_trainer_keys(dict(cfg.trainer)))
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def collate_blocks(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Packed blocks all have seq_len tokens: stack them [B, L]; labels = inputs (the model shifts)."""
+    input_ids = torch.stack([torch.as_tensor(row["input_ids"]) for row in rows])
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+class JsonLogCallback(TrainerCallback):
+    """Writes the trainer's log history to `path` (JSON) at every log: readable without TensorBoard.
+
+    The history is restored from the checkpoint on resume, so the file never holds steps that were
+    undone by a crash.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state.log_history, indent=1))
+            tmp.replace(self.path)
+
+
+def warn_if_checkpoint_disagrees(checkpoint: Path, args: TrainingArguments, ctx: StageContext) -> None:
+    """Say out loud when the recipe changed since the checkpoint was written (the run goes on)."""
+    state_file = Path(checkpoint) / "trainer_state.json"
+    if not state_file.is_file():
+        return
+    saved = json.loads(state_file.read_text())
+    now = {"max_steps": args.max_steps, "train_batch_size": args.per_device_train_batch_size}
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            ctx.logger.warning(
+                "%s: resuming from %s written with %s=%s, the recipe now says %s", ctx.stage, checkpoint, key, saved[key], value
+            )
+
+
+def train_causal_lm(model, tokenizer, corpus, cfg: Config, ctx: StageContext) -> dict[str, Any]:
+    """Train `model` on corpus['train'] with the HF Trainer, resuming from the newest checkpoint."""
+    args = build_training_args(cfg, ctx)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=collate_blocks,
+        train_dataset=corpus["train"],
+        eval_dataset=corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"])))),
+        processing_class=tokenizer,
+        # ctx.extra["callbacks"]: TrainerCallbacks the caller adds (profilers, tests that stop a run)
+        callbacks=[JsonLogCallback(ctx.out_dir / "train_log.json"), *ctx.extra.get("callbacks", [])],
+    )
+    resume = ctx.last_checkpoint()
+    if resume is not None:
+        ctx.logger.info("%s: resuming from %s", ctx.stage, resume)
+        warn_if_checkpoint_disagrees(resume, args, ctx)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
+    return {"train_loss": result.training_loss, "steps": result.global_step}
+
+
+# ---------------------------------------------------------------------------------------- stage
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    source = ctx.model.teacher
+    if (source.pretrained is None) == (source.train_from_scratch is None):
+        raise ValueError(
+            "model.teacher: set exactly one of `pretrained` (hub id or folder) or `train_from_scratch` "
+            f"(an architecture); got {'both' if source.pretrained else 'neither'}"
+        )
+    data_dir = ctx.need("data")
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    corpus = load_from_disk(str(data_dir / "corpus"))
+    prompts = load_from_disk(str(data_dir / "prompts")) if (data_dir / "prompts").is_dir() else None
+
+    set_seed(ctx.seed)  # the initial weights of a from-scratch model come from this seed
+    if source.pretrained is not None:
+        loaded = load_pretrained(source.pretrained, ctx)
+        check_vocab(loaded, tokenizer, f"model.teacher.pretrained ({source.pretrained})")
+        train = cfg.finetune_pretrained
+        if ctx.is_main_process and not train:
+            loaded.save_pretrained(ctx.out_dir)  # used as loaded: the checkpoint is kept as it is
+        # compute through the project's mixer (same numbers, faster scan); other classes as loaded
+        model = from_teacher(loaded, neurons={}, scan_backend=ctx.model.scan_backend) if isinstance(loaded, MambaForCausalLM) else loaded
+    else:
+        model = build_model(source.train_from_scratch, tokenizer, ctx.model.scan_backend)
+        train = True
+
+    metrics: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    if train:
+        if len(corpus["train"]) == 0:
+            raise ValueError(f"teacher: the corpus at {data_dir / 'corpus'} has no training blocks")
+        metrics.update(train_causal_lm(model, tokenizer, corpus, cfg, ctx))
+        if ctx.is_main_process and isinstance(model, SpikingMambaForCausalLM):
+            save_teacher(ctx.out_dir)
+    if not ctx.is_main_process:
+        return metrics
+
+    tokenizer.save_pretrained(ctx.out_dir)
+    if len(corpus["test"]) > 0:
+        metrics["teacher_ppl"] = tasks.perplexity(model, corpus["test"], cfg.eval_batch_size, limit=cfg.eval_blocks)
+    if prompts is not None and len(prompts["test"]) > 0:
+        test = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
+        budget = cfg.eval_max_new_tokens or tasks.answer_token_budget(tokenizer, test["answer"])
+        result = tasks.exact_match_accuracy(model, tokenizer, test, max_new_tokens=budget, batch_size=cfg.eval_batch_size)
+        metrics.update(teacher_accuracy=result["accuracy"], eval_samples=result["n"])
+        ctx.logger.info("teacher: examples (prompt, completion, answer): %s", result["examples"])
+    return metrics
