@@ -350,6 +350,8 @@ class _SpikingNeuron(nn.Module):
             raise ValueError(f"lsq_grad_scale must be a bool, got {lsq_grad_scale!r}")
         self.ata_momentum = _check_momentum(ata_momentum)
         self.lsq_grad_scale = lsq_grad_scale
+        # kept apart from requires_grad: from_pretrained re-creates parameters with requires_grad=True
+        self.learnable = learnable
         self.sgc_lambda: float = 0.0
         # saved in state_dict, so a resumed / reloaded model is not re-calibrated
         self.register_buffer("calibrated", torch.tensor(False))
@@ -366,7 +368,10 @@ class _SpikingNeuron(nn.Module):
         The log is clamped to ±30 so that even an absurd optimizer step leaves a finite
         threshold > 0 (exp would underflow to 0 or overflow to inf in float32).
         """
-        return self._log_threshold().clamp(-_LOG_THRESHOLD_BOUND, _LOG_THRESHOLD_BOUND).exp()
+        log_t = self._log_threshold()
+        if not self.learnable:
+            log_t = log_t.detach()  # frozen even where a reload turned requires_grad back on
+        return log_t.clamp(-_LOG_THRESHOLD_BOUND, _LOG_THRESHOLD_BOUND).exp()
 
     def _threshold_for(self, x: torch.Tensor) -> torch.Tensor:
         V = self.threshold()
@@ -536,9 +541,18 @@ class ATMN(_SpikingNeuron):
         self.tau = float(tau)
         self.top_level = self.T
         self.a = nn.Parameter(torch.zeros(channels), requires_grad=learnable)
+        # SBDS (methods.md §6): forward uses only the first k steps when set (None = all T);
+        # a run-time switch, not saved: a reloaded neuron always runs all T steps
+        self.active_steps: int | None = None
 
     def _log_threshold(self) -> nn.Parameter:
         return self.a
+
+    def _steps_now(self) -> int:
+        """Steps the forward runs: T, or the first ``active_steps`` of them (SBDS's q_t)."""
+        if self.active_steps is None:
+            return self.T
+        return min(_check_int_at_least_one(self.active_steps, "active_steps"), self.T)
 
     @property
     def V_th(self) -> torch.Tensor:
@@ -550,21 +564,24 @@ class ATMN(_SpikingNeuron):
 
         tau == 1: closed form (one pass). tau != 1: the T-step loop, which *is* the closed form
         there (the leak makes the count depend on the whole spike history); T is small.
+        With ``active_steps = k`` only the first k steps run: ``y = Σ_{t<k} s_t·V_th``, the
+        entry k-1 of ``step_outputs`` (the first k steps of a T-step train do not depend on T).
         """
         self._pre_forward(x)
         V_th = self._threshold_for(x)
+        steps = self._steps_now()
         if self.tau == 1.0:
-            y, c = atmn_closed_form(x, V_th, self.T)
+            y, c = atmn_closed_form(x, V_th, steps)
             if self._spike_recorders:
                 # no leak: the train has |c| spikes, all of one sign, so nonzero steps == |c|
                 abs_c = c.abs()
-                self._record(abs_c, abs_c, steps=self.T)
+                self._record(abs_c, abs_c, steps=steps)
         else:
-            partial_y, spikes = atmn_steps(x, V_th, self.T, self.tau)
+            partial_y, spikes = atmn_steps(x, V_th, steps, self.tau)
             y = partial_y[-1]
             if self._spike_recorders:
                 abs_s = spikes.abs()
-                self._record(abs_s.sum(0), abs_s.sum(0), steps=self.T)
+                self._record(abs_s.sum(0), abs_s.sum(0), steps=steps)
         return self._mix(y, x)
 
     def step_outputs(self, x: torch.Tensor) -> torch.Tensor:

@@ -230,7 +230,6 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         )
     except ValueError as error:  # e.g. an unknown placement: name the recipe field
         raise ValueError(f"stages.distill.placement: {error}") from error
-    student.requires_grad_(True)  # the teacher was frozen; its copied weights are the student's own
 
     test_prompts = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
     budget = tasks.answer_token_budget(tokenizer, test_prompts["answer"])

@@ -1,0 +1,601 @@
+"""sparsify stage: module-aware refinement of the distilled student (MAR, methods.md §5-6).
+
+    spikerl run recipes/tiny.yaml --only sparsify
+    spikerl run recipes/mar-hybrid.yaml          # Mamba+MLP teacher, spikes on the MLP too
+
+Input: the distill stage's student (`ctx.need("distill")`). Per module type (`in_proj`,
+`out_proj`, `x_proj`, `mlp.up`, `mlp.down`; `mixer.in_proj` etc. are accepted spellings) the
+recipe picks `dense`, `si_lif {D}`, `atmn {T, tau}` or `keep` (the distilled neuron, the default
+for a module type the recipe does not list), and whether the threshold is learnable. A neuron
+whose kind or levels change (or that is new: the FFN of a Mamba+MLP student) is calibrated on a
+few batches before the first step (fresh start only: a resumed run restores the trained
+thresholds).
+
+"Module-aware": before training the stage logs, per module type, its share of the dense
+teacher's and of the distilled student's energy per token (spiking.energy on held-out blocks) and
+its current firing rate, so the user sees where spiking saves most. The same figures go to the
+manifest metrics (`energy_share_teacher/<module>`, `energy_share_distilled/<module>`,
+`distilled_firing_rate/<module>`).
+
+Training is the HF `Trainer` with a `compute_loss` override, the SBDS loss (methods.md §6):
+
+    L = (1/T) Σ_t [α·KL(p_T‖q_t) + β·KL(q_t‖p_T)]·τ² + γ·mean_{t,l} MSE(F(h_T^l), F(h_{S,t}^l))
+
+q_t = the student's distribution when every ATMN neuron runs only its first t+1 steps (SI-LIF
+neurons are the same at every t; T = the largest ATMN T, 1 without ATMN); `spike_aware: false`
+keeps the final step only. F = `pre_norm`: block l's output h^l, l = 0..L-1, i.e. the residual
+stream entering the next block's RMSNorm (norm_f for the last block; the embedding entering
+block 0 is left out, spikes cannot change it); `post_norm`: the outputs of those norms. A
+block's inner MLP norm is not matched. ‖·‖² is taken as the mean over elements (as distill's
+hidden MSE), so γ does not scale with the width. The teacher is the stage-1 teacher (default) or
+any model folder (`teacher: path`), run through `spiking.from_teacher(..., neurons={})`: the
+dense model in the project's own (fast) mixer, same numbers as HF Mamba.
+
+Output: `run_dir/sparsify/` holds the refined student (`save_pretrained`, loadable with
+`AutoModelForCausalLM.from_pretrained` after `import spiking`) and the tokenizer; checkpoints in
+`run_dir/sparsify/checkpoints/`. Metrics: held-out accuracy and perplexity of teacher and student,
+firing rate per module type, energy pJ/token of both and the ratio teacher/student, and the same
+for the distilled student before refinement (`distilled_*`), on the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+from pydantic import Field, field_validator, model_validator
+from transformers import AutoTokenizer, Trainer
+
+import spiking
+from spiking.modeling import MLP_PLACEMENTS, PLACEMENTS
+from stages import tasks
+from stages.context import StageContext, StrictModel
+from stages.distill import SGCConfig, SGCSchedule, sgc_lambda
+from stages.teacher import (
+    JsonLogCallback,
+    build_training_args,
+    check_trainer_keys,
+    check_vocab,
+    collate_blocks,
+    load_compute_teacher,
+    warn_if_checkpoint_disagrees,
+)
+
+# Accepted spellings of a module type -> the placement name of spiking.modeling.PLACEMENTS
+MODULE_ALIASES = {
+    **{p: p for p in PLACEMENTS},
+    "mixer.in_proj": "in_proj",
+    "mixer.x_proj": "x_proj",
+    "mixer.out_proj": "out_proj",
+    "mlp_up": "mlp.up",  # underscore forms: a dotted key cannot be written in a CLI override path
+    "mlp_down": "mlp.down",
+}
+
+# The energy-report ops each module type's neuron feeds (spiking/energy.py's op names)
+MODULE_OPS = {
+    "in_proj": ("in_proj", "in_proj.neuron"),
+    "x_proj": ("x_proj", "x_proj.neuron"),
+    "out_proj": ("out_proj", "out_proj.neuron"),
+    "mlp.up": ("mlp.gate_proj", "mlp.up_proj", "mlp.up.neuron"),
+    "mlp.down": ("mlp.down_proj", "mlp.down.neuron"),
+}
+
+_KIND_FIELDS = {"si_lif": {"D"}, "atmn": {"T", "tau"}, "dense": set(), "keep": set()}
+
+
+class ModuleNeuron(StrictModel):
+    """What one module type gets: `dense`, `keep`, `{kind: si_lif, D}` or `{kind: atmn, T, tau}`.
+
+    A bare string (`dense`, `keep`, `si_lif`, `atmn`) is the kind with default settings.
+    """
+
+    kind: Literal["dense", "si_lif", "atmn", "keep"] = Field(
+        ..., description="dense: no neuron; keep: the distilled student's; si_lif / atmn: that neuron"
+    )
+    D: int | None = Field(None, ge=1, description="si_lif levels per sign (default 4): more = closer to dense, more spikes")
+    T: int | None = Field(None, ge=1, description="atmn steps per token (default 4): more = finer output, more spikes")
+    tau: float | None = Field(None, gt=0, description="atmn leak between steps (default 1 = none; > 1 weakens later steps)")
+    learnable: bool = Field(True, description="train the threshold (false: keep the calibrated one)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_kind(cls, value):
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self):
+        allowed = _KIND_FIELDS[self.kind] | ({"learnable"} if self.kind in ("si_lif", "atmn") else set())
+        extra = sorted(self.model_fields_set - allowed - {"kind"})
+        if extra:
+            raise ValueError(f"{extra[0]!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed) or 'none'})")
+        return self
+
+    def spec(self) -> dict | None:
+        """The `spiking.make_neuron` spec; None for dense (and for keep: decided by the caller)."""
+        if self.kind == "si_lif":
+            return {"kind": "si_lif", "D": self.D or 4, "learnable": self.learnable}
+        if self.kind == "atmn":
+            return {"kind": "atmn", "T": self.T or 4, "tau": 1.0 if self.tau is None else self.tau, "learnable": self.learnable}
+        return None
+
+
+class SBDSConfig(StrictModel):
+    """Spike-aware bidirectional distillation loss (methods.md §6)."""
+
+    alpha: float = Field(0.2, ge=0, description="forward KL(p_T‖q_t): mass-covering, keeps every teacher mode")
+    beta: float = Field(0.7, ge=0, description="reverse KL(q_t‖p_T): mode-seeking, the paper's heavier term")
+    gamma: float = Field(1.0, ge=0, description="feature MSE between teacher and student residual streams")
+    spike_aware: bool = Field(True, description="match the teacher after every ATMN step (T forwards) or only the last")
+    features: Literal["pre_norm", "post_norm"] = Field(
+        "pre_norm", description="residual stream before each RMSNorm (paper's best) or after it"
+    )
+    temperature: float = Field(1.0, gt=0, description="softmax temperature τ of both KL terms (scaled by τ²)")
+
+
+def _default_modules() -> dict[str, ModuleNeuron]:
+    # MAR's choice for a Mamba student: ATMN on both mixer projections; others keep the distilled neuron
+    return {"in_proj": ModuleNeuron(kind="atmn", T=4), "out_proj": ModuleNeuron(kind="atmn", T=4)}
+
+
+class Config(StrictModel):
+    """`stages.sparsify:` recipe section."""
+
+    modules: dict[str, ModuleNeuron] = Field(
+        default_factory=_default_modules,
+        description="module type -> neuron (in_proj, out_proj, x_proj, mlp.up, mlp.down); unlisted = keep",
+    )
+    sbds: SBDSConfig = Field(default_factory=SBDSConfig, description="loss weights and options")
+    teacher: str | None = Field(None, description="teacher folder (None: the teacher stage's output)")
+    sgc: SGCConfig | Literal[False] = Field(False, description="SGC schedule for the refined neurons, or false (MAR: pure spikes)")
+    calibration_batches: int = Field(4, ge=1, description="batches used to calibrate new / changed neurons before step 1")
+    teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
+    max_steps: int = Field(200, ge=1, description="optimizer steps (each costs T student forwards with spike_aware)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate: a refinement, lower than distill's")
+    batch_size: int = Field(32, ge=1, description="sequences per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warmup fraction")
+    lr_scheduler: str = Field("cosine", description="HF scheduler name")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    save_steps: int = Field(100, ge=1, description="checkpoint every N steps (resume point)")
+    logging_steps: int = Field(20, ge=1, description="log losses and firing rates every N steps")
+    eval_samples: int = Field(200, ge=1, description="held-out prompts for the accuracy metric")
+    eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity, firing rates and energy")
+    eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
+    eval_before: bool = Field(True, description="also score the distilled and the converted student before training")
+    trainer: dict[str, Any] = Field(default_factory=dict, description="extra TrainingArguments fields, passed through")
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _module_names(cls, value):
+        if not isinstance(value, dict):
+            return value  # pydantic reports the type error
+        normalised: dict[str, Any] = {}
+        for key, choice in value.items():
+            if key not in MODULE_ALIASES:
+                raise ValueError(f"modules.{key}: unknown module type; expected one of {sorted(MODULE_ALIASES)}")
+            name = MODULE_ALIASES[key]
+            if name in normalised:
+                raise ValueError(f"modules.{key}: module type {name!r} is given twice")
+            normalised[name] = choice
+        return normalised
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_trainer_keys(value)
+
+
+# ------------------------------------------------------------------------------ the student
+
+
+def _neuron_signature(spec: dict | None) -> tuple | None:
+    """What makes a calibrated threshold invalid when it changes: the kind and its levels/leak."""
+    if spec is None:
+        return None
+    if spec["kind"] == "si_lif":
+        return ("si_lif", spec.get("D", 4))
+    return ("atmn", spec.get("T", 4), float(spec.get("tau", 1.0)))
+
+
+def refined_neurons(distilled_neurons: dict, modules: dict[str, ModuleNeuron], has_mlp: bool) -> tuple[dict, list[str]]:
+    """(placement -> spec of the refined student, placements whose neuron is new or changed).
+
+    Raises ValueError naming `stages.sparsify.modules.<type>` for an MLP module on a student
+    without an MLP.
+    """
+    neurons = {p: dict(spec) for p, spec in distilled_neurons.items()}
+    for placement, choice in modules.items():
+        if placement in MLP_PLACEMENTS and not has_mlp and choice.kind not in ("dense", "keep"):
+            raise ValueError(
+                f"stages.sparsify.modules.{placement}: the student has no MLP (its teacher had no "
+                "model.teacher.train_from_scratch.intermediate_size); use it on a Mamba+MLP student"
+            )
+        if choice.kind == "keep":
+            continue
+        if choice.kind == "dense":
+            neurons.pop(placement, None)
+        else:
+            neurons[placement] = choice.spec()
+    changed = [p for p in neurons if _neuron_signature(neurons[p]) != _neuron_signature(distilled_neurons.get(p))]
+    return neurons, changed
+
+
+@contextmanager
+def first_steps(model: torch.nn.Module, steps: int | None) -> Iterator[None]:
+    """Every ATMN neuron of `model` runs only its first `steps` steps inside the block (None = all)."""
+    atmns = [n for _, n in spiking.iter_neurons(model) if isinstance(n, spiking.ATMN)]
+    saved = [n.active_steps for n in atmns]
+    for neuron in atmns:
+        neuron.active_steps = steps
+    try:
+        yield
+    finally:
+        for neuron, value in zip(atmns, saved):
+            neuron.active_steps = value
+
+
+def spike_steps(model: torch.nn.Module) -> int:
+    """T of SBDS: the largest ATMN step count in the model (1 with no ATMN: one distribution)."""
+    return max((n.T for _, n in spiking.iter_neurons(model) if isinstance(n, spiking.ATMN)), default=1)
+
+
+# ------------------------------------------------------------------------------ the loss
+
+
+def forward_with_features(model, batch: dict, features: str | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """logits [B, L, V] and one feature [B, L, H] per block (none when `features` is None).
+
+    pre_norm: each block's output (HF's hidden_states[:-1]) = the residual stream entering the
+    next block's RMSNorm, or norm_f for the last. post_norm: the outputs of those norms, taken
+    with forward hooks (so they run inside the model's forward, where ZeRO-3 gathers weights).
+    """
+    if features is None:
+        return model(**batch).logits, []
+    if features == "pre_norm":
+        out = model(**batch, output_hidden_states=True)
+        return out.logits, list(out.hidden_states[:-1])
+    backbone = getattr(model, "module", model).backbone  # DDP wraps the model in .module
+    norms = [block.norm for block in backbone.layers[1:]] + [backbone.norm_f]
+    captured: list[torch.Tensor] = []
+    handles = [norm.register_forward_hook(lambda _m, _a, output: captured.append(output)) for norm in norms]
+    try:
+        logits = model(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, captured[: len(norms)]  # a gradient-checkpointing recompute may append more later
+
+
+def student_step_outputs(
+    model, batch: dict, sbds: SBDSConfig, features: str | None, steps: int, count_in: torch.nn.Module | None = None
+) -> tuple[list[tuple[torch.Tensor, list[torch.Tensor]]], spiking.SpikeStats | None]:
+    """([(logits_t, features_t)] for t = 0..steps-1, or the last step only; spike stats or None).
+
+    Entry t runs every ATMN with its first t+1 steps; the last is the plain forward. With
+    `count_in` (the unwrapped model) the spikes of that last, plain forward are counted.
+    """
+    ts = range(steps) if sbds.spike_aware else [steps - 1]
+    outputs, stats = [], None
+    for t in ts:
+        last = t == steps - 1
+        with first_steps(model, None if last else t + 1):
+            if last and count_in is not None:
+                with spiking.count_spikes(count_in) as stats:
+                    outputs.append(forward_with_features(model, batch, features))
+            else:
+                outputs.append(forward_with_features(model, batch, features))
+    return outputs, stats
+
+
+def sbds_loss(
+    step_logits: Sequence[torch.Tensor],
+    teacher_logits: torch.Tensor,
+    step_features: Sequence[Sequence[torch.Tensor]],
+    teacher_features: Sequence[torch.Tensor],
+    sbds: SBDSConfig,
+) -> dict[str, torch.Tensor]:
+    """The SBDS loss and its terms.
+
+    step_logits: one [B, L, V] per step t (q_t); teacher_logits [B, L, V] (p_T); step_features:
+    per step, one [B, L, H] per block; teacher_features: one [B, L, H] per block.
+    KLs are averaged over tokens (batchmean over B·L) and over steps; the feature term is the
+    mean over steps and blocks of the per-element MSE.
+    Returns {"loss" (differentiable), "kl_forward", "kl_reverse", "feature_mse", "kl_forward_last"}.
+    """
+    tau = sbds.temperature
+    vocab = teacher_logits.shape[-1]
+    log_p = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / tau, dim=-1)
+    forward, reverse = [], []
+    for logits in step_logits:
+        log_q = F.log_softmax(logits.float().reshape(-1, vocab) / tau, dim=-1)
+        forward.append(F.kl_div(log_q, log_p, log_target=True, reduction="batchmean"))  # KL(p_T ‖ q_t)
+        reverse.append(F.kl_div(log_p, log_q, log_target=True, reduction="batchmean"))  # KL(q_t ‖ p_T)
+    kl_forward = torch.stack(forward).mean() * tau**2
+    kl_reverse = torch.stack(reverse).mean() * tau**2
+    mses = [F.mse_loss(s.float(), t.float()) for feats in step_features for s, t in zip(feats, teacher_features)]
+    feature = torch.stack(mses).mean() if mses else torch.zeros((), device=teacher_logits.device)
+    total = sbds.alpha * kl_forward + sbds.beta * kl_reverse + sbds.gamma * feature
+    return {
+        "loss": total,
+        "kl_forward": kl_forward.detach(),
+        "kl_reverse": kl_reverse.detach(),
+        "feature_mse": feature.detach(),
+        "kl_forward_last": (forward[-1] * tau**2).detach(),
+    }
+
+
+class SparsifyTrainer(Trainer):
+    """HF Trainer whose loss is SBDS against a frozen teacher."""
+
+    # compute_loss returns a per-micro-batch mean: let training_step divide by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, teacher: torch.nn.Module, sbds: SBDSConfig, sgc: SGCConfig | Literal[False], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.sbds, self.sgc = teacher, sbds, sgc
+        self.features = self.sbds.features if self.sbds.gamma > 0 else None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._rates: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            t_logits, t_features = forward_with_features(self.teacher, batch, self.features)
+        student = self.accelerator.unwrap_model(model)
+        steps = spike_steps(student)
+        # count spikes (of the plain forward) only on logging steps: the hot path pays nothing otherwise
+        counting = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
+        outputs, stats = student_step_outputs(model, batch, self.sbds, self.features, steps, student if counting else None)
+        terms = sbds_loss([o[0] for o in outputs], t_logits, [o[1] for o in outputs], t_features, self.sbds)
+        if model.training:
+            for name in ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last"):
+                self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
+            self._count += 1
+            if counting:
+                self._rates = {f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()}
+        return (terms["loss"], {"logits": outputs[-1][0]}) if return_outputs else terms["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            for name, total in self._sums.items():
+                logs[name] = round(total / self._count, 6)
+            logs.update(self._rates)
+            logs["sgc_lambda"] = sgc_lambda(self.state.global_step, self.state.max_steps, self.sgc)
+            self._sums, self._count = {}, 0
+        super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------ module report
+
+
+def energy_shares(report: spiking.EnergyReport) -> dict[str, float]:
+    """Module type -> fraction of the model's energy per token spent in the layers it feeds."""
+    total = report.pj_per_token
+    shares = {}
+    for placement, ops in MODULE_OPS.items():
+        pj = sum(layer.ops[op].energy_pj(report.cost) for layer in report.layers for op in ops if op in layer.ops)
+        if any(ops[0] in layer.ops for layer in report.layers):  # the model has this module type
+            shares[placement] = pj / total
+    return shares
+
+
+@torch.no_grad()
+def measure(model, input_ids: torch.Tensor) -> tuple[spiking.EnergyReport, dict[str, dict]]:
+    """Energy report and per-placement spike figures of `model` on held-out blocks [B, L]."""
+    model.eval()
+    if not any(True for _ in spiking.iter_neurons(model)):
+        return spiking.estimate_energy(model, input_ids), {}
+    with spiking.count_spikes(model) as stats:
+        model(input_ids=input_ids)
+    return spiking.estimate_energy(model, input_ids, stats=stats), stats.by_placement()
+
+
+def module_report(teacher, distilled, input_ids: torch.Tensor, plan: dict, ctx: StageContext) -> dict[str, Any]:
+    """Log and return, per module type, its energy share (teacher, distilled student) and firing rate."""
+    report_t, _ = measure(teacher, input_ids)
+    report_d, rates = measure(distilled, input_ids)
+    shares_t, shares_d = energy_shares(report_t), energy_shares(report_d)
+    ctx.logger.info(
+        "sparsify: where the energy goes (%s; %s)", report_t.cost.describe(), spiking.energy.MEMORY_NOTE
+    )
+    ctx.logger.info("sparsify: %-9s %14s %16s %12s   %s", "module", "teacher share", "distilled share", "firing rate", "refined neuron")
+    metrics: dict[str, Any] = {
+        "distilled_energy_pj_per_token": report_d.pj_per_token,
+        "distilled_energy_ratio": report_t.pj_per_token / report_d.pj_per_token,
+    }
+    for placement in shares_t:
+        rate = rates.get(placement, {}).get("firing_rate")
+        ctx.logger.info(
+            "sparsify: %-9s %13.1f%% %15.1f%% %12s   %s", placement, 100 * shares_t[placement],
+            100 * shares_d[placement], "dense" if rate is None else f"{rate:.4f}", plan.get(placement, "dense"),
+        )
+        metrics[f"energy_share_teacher/{placement}"] = shares_t[placement]
+        metrics[f"energy_share_distilled/{placement}"] = shares_d[placement]
+        if rate is not None:
+            metrics[f"distilled_firing_rate/{placement}"] = rate
+    return metrics
+
+
+def _describe(spec: dict | None) -> str:
+    if spec is None:
+        return "dense"
+    return " ".join(f"{k}={v}" if k != "kind" else str(v) for k, v in spec.items())
+
+
+# ------------------------------------------------------------------------------ stage
+
+
+def _load_teacher(cfg: Config, ctx: StageContext):
+    """The dense teacher (frozen, eval) in the project's mixer: same numbers as HF Mamba, faster."""
+    if cfg.teacher is None:
+        folder = ctx.need("teacher")
+    else:
+        folder = Path(cfg.teacher)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"stages.sparsify.teacher: {folder} is not a model folder (no config.json)")
+    # from_teacher(..., neurons={}) inside: a spiking folder given as teacher runs dense
+    return load_compute_teacher(folder, ctx, dtype=cfg.teacher_dtype), folder
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    data_dir, distill_dir = ctx.need("data"), ctx.need("distill")
+    tokenizer = AutoTokenizer.from_pretrained(distill_dir)
+    corpus = load_from_disk(str(data_dir / "corpus"))
+    prompts = load_from_disk(str(data_dir / "prompts"))
+
+    # --- check every input before the first step: a bad one must not cost a training run
+    if len(corpus["train"]) == 0 or len(corpus["train"][0]["input_ids"]) == 0:
+        raise ValueError(f"stages.sparsify: the corpus at {data_dir / 'corpus'} has no tokens to train on")
+    distilled = spiking.SpikingMambaForCausalLM.from_pretrained(distill_dir)
+    teacher, teacher_dir = _load_teacher(cfg, ctx)
+    distilled.to(teacher.device)
+    check_vocab(teacher, tokenizer, f"stages.sparsify: teacher {teacher_dir}")
+    if teacher.config.vocab_size != distilled.config.vocab_size:
+        raise ValueError(
+            f"stages.sparsify.teacher: vocab_size {teacher.config.vocab_size} differs from the student's "
+            f"{distilled.config.vocab_size}: the KL terms need the same vocabulary"
+        )
+    if cfg.sbds.gamma > 0:
+        for key in ("hidden_size", "num_hidden_layers"):
+            if getattr(teacher.config, key) != getattr(distilled.config, key):
+                raise ValueError(
+                    f"stages.sparsify.sbds.gamma: the feature term needs the same {key} in teacher "
+                    f"({getattr(teacher.config, key)}) and student ({getattr(distilled.config, key)}); set gamma: 0"
+                )
+    neurons, changed = refined_neurons(
+        distilled.config.neurons, cfg.modules, has_mlp=distilled.config.mlp_intermediate_size is not None
+    )
+    try:
+        student = spiking.from_teacher(distilled, neurons=neurons, scan_backend=ctx.model.scan_backend)
+    except ValueError as error:  # a bad neuron setting: name the recipe field
+        raise ValueError(f"stages.sparsify.modules: {error}") from error
+    ctx.logger.info(
+        "sparsify: neurons %s; new or changed (calibrated on a fresh start): %s",
+        {p: _describe(s) for p, s in neurons.items()}, changed or "none",
+    )
+
+    resume = ctx.last_checkpoint()
+    if resume is not None:
+        _check_checkpoint_neurons(resume, neurons)
+    test_prompts = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
+    budget = tasks.answer_token_budget(tokenizer, test_prompts["answer"])
+    blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
+    held_out = torch.tensor(blocks["input_ids"], device=teacher.device)  # [eval_blocks, L]
+
+    if resume is None:
+        if ctx.is_main_process:
+            # module-aware: where the operations are and how much each module type fires now
+            before = module_report(teacher, distilled, held_out, {p: _describe(s) for p, s in neurons.items()}, ctx)
+            if cfg.eval_before:
+                before["distilled_accuracy"] = _accuracy(distilled, tokenizer, test_prompts, budget, cfg)
+            _write_attempt_metrics(ctx, before)
+        # new / changed neurons start from thresholds calibrated on the student's own activations
+        # (fresh start only: a checkpoint restores the trained ones)
+        for name, neuron in spiking.iter_neurons(student):
+            if spiking.neuron_placement(name) in changed:
+                neuron.calibrated.fill_(False)
+        n_blocks = min(cfg.calibration_batches * cfg.batch_size, len(corpus["train"]))
+        ids = torch.tensor(corpus["train"][:n_blocks]["input_ids"], device=teacher.device)  # [n_blocks, L]
+        if changed:
+            spiking.calibrate(student, [{"input_ids": c} for c in ids.split(cfg.batch_size)], skip_calibrated=True)
+        if ctx.is_main_process and cfg.eval_before:
+            converted = _accuracy(student, tokenizer, test_prompts, budget, cfg)
+            ctx.logger.info("sparsify: refined student before training (calibrated only): accuracy %.3f", converted)
+            _write_attempt_metrics(ctx, {"converted_accuracy": converted})
+    del distilled
+
+    args = build_training_args(cfg, ctx)
+    trainer = SparsifyTrainer(
+        model=student,
+        args=args,
+        train_dataset=corpus["train"],
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        teacher=teacher,
+        sbds=cfg.sbds,
+        sgc=cfg.sgc,
+        callbacks=[
+            SGCSchedule(student, cfg.sgc),
+            JsonLogCallback(ctx.out_dir / "train_log.json"),
+            *ctx.extra.get("callbacks", []),
+        ],
+    )
+    if resume is not None:
+        ctx.logger.info("sparsify: resuming from %s", resume)
+        warn_if_checkpoint_disagrees(resume, args, ctx)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
+    trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
+
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step, "spike_steps": spike_steps(student)}
+    if not ctx.is_main_process:
+        return metrics
+    tokenizer.save_pretrained(ctx.out_dir)
+    metrics.update(_read_attempt_metrics(ctx))  # measured before training by the first attempt
+    metrics.update(_evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget, cfg))
+    return metrics
+
+
+def _check_checkpoint_neurons(checkpoint: Path, neurons: dict) -> None:
+    """A checkpoint with other neurons than the recipe asks for cannot be resumed (other weights)."""
+    config_file = Path(checkpoint) / "config.json"
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text()).get("neurons", {})
+    if saved != neurons:
+        raise ValueError(
+            f"stages.sparsify.modules: the checkpoint {checkpoint} has neurons {saved}, the recipe now "
+            f"gives {neurons}; restore the recipe or delete {Path(checkpoint).parent} to start over"
+        )
+
+
+def _accuracy(model, tokenizer, test_prompts, budget: int, cfg: Config) -> float:
+    return tasks.exact_match_accuracy(
+        model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size
+    )["accuracy"]
+
+
+def _write_attempt_metrics(ctx: StageContext, values: dict) -> None:
+    """Keep figures measured before training next to the checkpoints, for a resumed attempt."""
+    path = ctx.out_dir / "pre_training_metrics.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(saved | values))
+
+
+def _read_attempt_metrics(ctx: StageContext) -> dict:
+    path = ctx.out_dir / "pre_training_metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@torch.no_grad()
+def _evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget: int, cfg: Config) -> dict[str, Any]:
+    """Held-out accuracy and perplexity of both models; firing rates and energy on held-out blocks."""
+    report_t, _ = measure(teacher, held_out)
+    report_s, rates = measure(student, held_out)
+    overall = (
+        sum(d["nonzero"] for d in rates.values()) / max(sum(d["elements"] for d in rates.values()), 1)
+        if rates else 0.0
+    )
+    accuracy = {
+        name: tasks.exact_match_accuracy(model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size)
+        for name, model in (("student", student), ("teacher", teacher))
+    }
+    return {
+        "student_accuracy": accuracy["student"]["accuracy"],
+        "teacher_accuracy": accuracy["teacher"]["accuracy"],
+        "eval_samples": accuracy["student"]["n"],
+        "student_ppl": tasks.perplexity(student, blocks, cfg.eval_batch_size),
+        "teacher_ppl": tasks.perplexity(teacher, blocks, cfg.eval_batch_size),
+        "firing_rate": overall,
+        **{f"firing_rate/{p}": d["firing_rate"] for p, d in rates.items()},
+        **{f"energy_share_student/{p}": s for p, s in energy_shares(report_s).items()},
+        "energy_pj_per_token_teacher": report_t.pj_per_token,
+        "energy_pj_per_token_student": report_s.pj_per_token,
+        "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,
+    }
