@@ -1,0 +1,142 @@
+"""Task rewards: pure functions with TRL's reward signature.
+
+    def reward(completions: list[str], **columns) -> list[float | None]
+
+`completions` are the decoded completions (text, cut at EOS); every dataset column arrives as a
+keyword argument of the same name (`answer=[...]`), one value per completion; TRL also passes
+`prompts`, `completion_ids`, `trainer_state`, … which a reward may ignore (`**kwargs`). `None` means
+"does not apply to this completion" (TRL counts it as NaN and leaves it out of the weighted sum).
+
+    >>> arith_exact(["85", " 12"], answer=["85", "13"])
+    [1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_GSM8K_FINAL = re.compile(r"####\s*(-?\d[\d,]*(?:\.\d+)?)")
+
+DEFAULT_FORMAT_PATTERN = r"^\s*-?\d+\s*$"  # the whole completion is one integer (the arithmetic task)
+
+
+def arith_exact(completions: Sequence[str], answer: Sequence[str | None], **kwargs) -> list[float | None]:
+    """1.0 when the completion, stripped, equals the reference answer, stripped; else 0.0.
+
+    The exact-match rule of the built-in arithmetic task (stages.tasks.is_exact_match), so the
+    reward and the stage's held-out accuracy agree. A row without an answer gets None.
+
+    >>> arith_exact(["85", "85 ", "86", "8"], answer=["85", "85", "85", None])
+    [1.0, 1.0, 0.0, None]
+    """
+    return [None if ref is None else float(str(text).strip() == str(ref).strip()) for text, ref in zip(completions, answer)]
+
+
+def extract_number(text: str) -> float | None:
+    """The final answer of a free-text solution: GSM8K's `#### 42` if present, else the last number.
+
+    Thousands separators are dropped; None when the text holds no number.
+
+    >>> extract_number("She has 3 + 4 = 7 apples.\\n#### 1,204")
+    1204.0
+    >>> extract_number("so the total is 12, not 13.5")
+    13.5
+    >>> extract_number("no digits") is None
+    True
+    """
+    final = _GSM8K_FINAL.search(text)
+    if final:
+        found = final.group(1)
+    else:
+        numbers = _NUMBER.findall(text)
+        if not numbers:
+            return None
+        found = numbers[-1]
+    try:
+        return float(found.replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def math_answer(completions: Sequence[str], answer: Sequence[str | float | None], **kwargs) -> list[float | None]:
+    """1.0 when the number extracted from the completion equals the reference number; else 0.0.
+
+    Both sides go through `extract_number` (a GSM8K answer column `"... #### 42"` works as is); a
+    reference with no number gives None (the reward does not apply), a completion with none 0.0.
+
+    >>> math_answer(["The answer is 42.", "#### 41", "I don't know"], answer=["#### 42", "42", "42"])
+    [1.0, 0.0, 0.0]
+    """
+    rewards: list[float | None] = []
+    for text, ref in zip(completions, answer):
+        target = None if ref is None else (float(ref) if isinstance(ref, (int, float)) else extract_number(str(ref)))
+        if target is None:
+            rewards.append(None)
+            continue
+        got = extract_number(str(text))
+        rewards.append(float(got is not None and abs(got - target) <= 1e-6 * max(1.0, abs(target))))
+    return rewards
+
+
+def format(completions: Sequence[str], pattern: str | Sequence[str] = DEFAULT_FORMAT_PATTERN, **kwargs) -> list[float | None]:  # noqa: A001 - the reward's public name
+    """1.0 when the completion matches the regex `pattern` (re.search); else 0.0.
+
+    The default pattern accepts a completion that is one integer. `pattern` may be one regex or a
+    dataset column of them (one per row); `format_reward(pattern)` makes a fixed-pattern reward.
+
+    >>> format(["42", "42 apples", " -7 "])
+    [1.0, 0.0, 1.0]
+    >>> format(["<answer>3</answer>", "3"], pattern=r"^<answer>.*</answer>$")
+    [1.0, 0.0]
+    """
+    patterns = [pattern] * len(completions) if isinstance(pattern, str) else list(pattern)
+    return [float(re.search(p, str(text)) is not None) for text, p in zip(completions, patterns)]
+
+
+def format_reward(pattern: str) -> Callable[..., list[float | None]]:
+    """A `format` reward with a fixed regex (the recipe's `{format: {pattern: ...}}`).
+
+    >>> think = format_reward(r"^<think>.*</think>")
+    >>> think(["<think>1+1</think>2", "2"]), think.__name__
+    ([1.0, 0.0], 'format')
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"format reward: invalid regex {pattern!r}: {error}") from None
+
+    def format(completions, **kwargs):  # noqa: A001 - TRL logs the reward under its __name__
+        return [float(compiled.search(str(text)) is not None) for text in completions]
+
+    return format
+
+
+def length_penalty(completions: Sequence[str], max_chars: int = 32, **kwargs) -> list[float | None]:
+    """-len(completion) / max_chars, capped at -1: shorter completions cost less.
+
+    Characters, not tokens, so the reward needs no tokenizer and means the same across models.
+    Use it with a small weight next to a task reward (`{length_penalty: 0.1}`).
+
+    >>> length_penalty(["", "12", "x" * 40], max_chars=4)
+    [0.0, -0.5, -1.0]
+    """
+    if max_chars < 1:
+        raise ValueError(f"length_penalty: max_chars must be >= 1, got {max_chars}")
+    return [-min(len(str(text)), max_chars) / max_chars for text in completions]
+
+
+def length_penalty_reward(max_chars: int = 32) -> Callable[..., list[float | None]]:
+    """A `length_penalty` with its own `max_chars` (the recipe's `{length_penalty: {max_chars: 16}}`).
+
+    >>> length_penalty_reward(max_chars=2)(["1", "123"])
+    [-0.5, -1.0]
+    """
+    if max_chars < 1:
+        raise ValueError(f"length_penalty: max_chars must be >= 1, got {max_chars}")
+
+    def length_penalty(completions, **kwargs):
+        return [-min(len(str(text)), max_chars) / max_chars for text in completions]
+
+    return length_penalty

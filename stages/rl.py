@@ -1,0 +1,379 @@
+"""rl stage: reinforcement learning on the deployed spiking policy (methods.md §9).
+
+    spikerl run recipes/tiny.yaml --only rl
+
+    stages:
+      rl:
+        algo: grpo                                 # grpo | rloo | dpo (TRL) | ppo (stages/ppo.py)
+        rewards: [arith_exact, {spike_energy: 0.05}]   # name or {name: weight}; see rewards/
+        trl: {num_generations: 8, max_completion_length: 8, max_steps: 100}   # any GRPOConfig/RLOOConfig/DPOConfig field
+        lora: {r: 8, alpha: 16, merge: true}       # optional PEFT LoRA, merged into the saved model
+
+The policy is the newest finished model upstream (sparsify if the recipe has it, else distill),
+run as deployed: SGC off (λ = 0), spikes on. Rollouts use the model's recurrent generation
+(`generate` with the cache, one token at a time). The KL reference is the same input model,
+loaded from its folder: TRL rebuilds it from `config._name_or_path` (GRPO / RLOO with beta > 0),
+DPO gets it passed in, PPO loads it here. With LoRA the reference is the policy with its adapter
+disabled (TRL's behaviour).
+
+* grpo / rloo: TRL's trainers on the data stage's RL prompts (`prompts/train`: prompt, answer),
+  rewards from `rewards/` with the recipe's weights (TRL's `reward_weights`).
+* dpo: TRL's DPOTrainer on the data stage's `preferences/` (prompt, chosen, rejected) if present,
+  else pairs built here from the verifiable task: k samples per prompt from the policy, chosen =
+  the best-rewarded, rejected = the worst; prompts whose samples all score the same are skipped.
+* ppo: the project's trainer (stages/ppo.py), configured by the `ppo:` block.
+
+Output `run_dir/rl/`: the final policy (`save_pretrained`; with `lora.merge: false` the adapter
+only) and the tokenizer; checkpoints in `run_dir/rl/checkpoints/` (resume from the newest).
+Metrics: held-out exact-match accuracy and spikes per token / firing rate (on held-out prompt +
+reference answer, the same tokens before and after) before and after, steps, the last logged
+rewards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset, load_from_disk
+from pydantic import Field, field_validator, model_validator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rewards as rewards_lib
+import spiking
+from stages import tasks
+from stages.context import StageContext, StrictModel
+from stages.ppo import PPOConfig, PPOTrainer
+from stages.teacher import JsonLogCallback, check_vocab
+
+try:  # PEFT is only needed for the optional LoRA
+    import peft
+except ImportError:  # pragma: no cover - peft is a dependency of the project
+    peft = None
+
+import trl
+
+TRL_CONFIGS = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig, "dpo": trl.DPOConfig}
+# set by the stage from the run / the rewards list; the recipe must not set them through `trl:`
+OWNED_TRL_KEYS = {
+    "output_dir": "the run sets it (run.output_dir)",
+    "seed": "the run sets it (run.seed)",
+    "reward_weights": "give weights in stages.rl.rewards ({name: weight})",
+}
+
+
+class LoraSpec(StrictModel):
+    """PEFT LoRA on the mixer's linear layers instead of full fine-tuning."""
+
+    r: int = Field(8, ge=1, description="adapter rank: more = more capacity, more memory")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | None = Field(
+        None, description="mixer linear layers (in_proj, x_proj, dt_proj); None: spiking.lora_target_modules()"
+    )
+    merge: bool = Field(True, description="true: merge into the saved model; false: save the adapter only")
+
+
+class DPOPairs(StrictModel):
+    """Where DPO's preference pairs come from."""
+
+    source: Literal["auto", "data", "sample"] = Field(
+        "auto", description="data: the data stage's preferences/; sample: built from the policy; auto: data if present"
+    )
+    samples_per_prompt: int = Field(4, ge=2, description="k answers sampled per prompt: more = more prompts with a pair")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the k answers")
+    max_new_tokens: int | None = Field(None, ge=1, description="answer length (None: the task's answer budget)")
+    max_prompts: int | None = Field(None, ge=1, description="RL prompts used to build pairs (None: all)")
+    batch_size: int = Field(64, ge=1, description="prompts per sampling forward")
+
+
+class Config(StrictModel):
+    """`stages.rl:` recipe section."""
+
+    algo: Literal["grpo", "rloo", "dpo", "ppo"] = Field("grpo", description="grpo / rloo / dpo through TRL; ppo: stages/ppo.py")
+    rewards: list[str | dict[str, Any]] | dict[str, Any] = Field(
+        default_factory=lambda: ["arith_exact"],
+        description="reward names with weights: [arith_exact, {spike_energy: 0.05}] (energy weight: fewer spikes vs accuracy)",
+    )
+    trl: dict[str, Any] = Field(default_factory=dict, description="fields of TRL's GRPOConfig / RLOOConfig / DPOConfig")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="the PPO trainer's settings (algo: ppo)")
+    lora: LoraSpec | None = Field(None, description="PEFT LoRA instead of full fine-tuning (None: all weights train)")
+    dpo: DPOPairs = Field(default_factory=DPOPairs, description="preference pairs for algo: dpo")
+    eval_samples: int = Field(200, ge=1, description="held-out prompts for accuracy and spike counts before / after")
+    eval_batch_size: int = Field(64, ge=1, description="prompts per evaluation forward")
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards(cls, value):
+        rewards_lib.parse_spec(value)  # names, weights and arguments; dotted paths are imported at run time
+        return value
+
+    @model_validator(mode="after")
+    def _trl_keys(self):
+        if self.algo == "ppo":
+            if self.trl:
+                raise ValueError(f"trl: algo ppo is the project's trainer; set {sorted(self.trl)} under stages.rl.ppo")
+            return self
+        check_trl_keys(self.trl, self.algo)
+        return self
+
+
+def check_trl_keys(trl_block: dict[str, Any], algo: str) -> dict[str, Any]:
+    """Every `trl:` key must be a field of the algorithm's TRL config that the stage does not own."""
+    config_class = TRL_CONFIGS[algo]
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
+    for key in trl_block:
+        if key in OWNED_TRL_KEYS:
+            raise ValueError(f"trl.{key}: {OWNED_TRL_KEYS[key]}, not through trl")
+        if key not in known:
+            raise ValueError(f"trl.{key}: not a field of trl.{config_class.__name__} (algo {algo})")
+    return trl_block
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def input_model_dir(ctx: StageContext) -> Path:
+    """The newest finished model stage upstream: sparsify if the recipe has it, else distill."""
+    return ctx.upstream["sparsify"] if "sparsify" in ctx.upstream else ctx.need("distill")
+
+
+def load_policy(folder: Path, ctx: StageContext):
+    """The deployed spiking model from `folder`: SGC off (λ = 0), spikes on."""
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if not any(True for _ in spiking.iter_neurons(model)):
+        raise ValueError(f"stages.rl: the model in {folder} has no spiking neurons (expected a distill / sparsify output)")
+    spiking.set_sgc_lambda(model, 0.0)
+    if not getattr(model.config, "spiking", True):
+        ctx.logger.warning("rl: %s was saved with spiking=false; switching spikes on (the deployed model)", folder)
+        model.config.spiking = True
+    return model
+
+
+def load_tokenizer(model_dir: Path, data_dir: Path):
+    folder = model_dir if (model_dir / "tokenizer_config.json").is_file() else data_dir / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"stages.rl: the tokenizer in {folder} has no pad token")
+    return tokenizer
+
+
+def apply_lora(model, lora: LoraSpec):
+    if peft is None:
+        raise ImportError("stages.rl.lora needs peft: pip install 'peft==0.21.2'")
+    targets = spiking.lora_target_modules(tuple(lora.target_modules)) if lora.target_modules else spiking.lora_target_modules()
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(f"stages.rl.lora.target_modules: {error}") from error
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def held_out_spikes(model, tokenizer, test_ds, batch_size: int) -> dict[str, float]:
+    """Spikes per token and firing rate on held-out `prompt + answer` texts (real tokens only)."""
+    texts = [p + a for p, a in zip(test_ds["prompt"], test_ds["answer"])]
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    try:
+        totals = {"abs_sum": 0, "nonzero": 0, "elements": 0, "tokens": 0}
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with spiking.count_spikes(model, attention_mask=batch["attention_mask"]) as stats:
+                model(**batch, use_cache=False)
+            overall = stats.overall()
+            for key in totals:
+                totals[key] += overall[key]
+    finally:
+        tokenizer.padding_side = saved_side
+        model.train(was_training)
+    return {
+        "spikes_per_token": totals["abs_sum"] / max(totals["tokens"], 1),
+        "firing_rate": totals["nonzero"] / max(totals["elements"], 1),
+    }
+
+
+def evaluate(model, tokenizer, test_ds, budget: int, batch_size: int) -> dict[str, float]:
+    accuracy = tasks.exact_match_accuracy(model, tokenizer, test_ds, max_new_tokens=budget, batch_size=batch_size)
+    return {"accuracy": accuracy["accuracy"], **held_out_spikes(model, tokenizer, test_ds, batch_size)}
+
+
+# ----------------------------------------------------------------------------- DPO pairs
+
+
+@torch.no_grad()
+def sample_preference_pairs(policy, tokenizer, prompts_ds, reward_funcs, reward_weights, pairs: DPOPairs, max_new_tokens: int) -> Dataset:
+    """(prompt, chosen, rejected) from k sampled answers per prompt, scored by the rewards.
+
+    chosen = the best-scored sample, rejected = the worst; a prompt whose k samples all score the
+    same (all rewarded or none) gives no pair. Sampling uses the global torch RNG (seeded by the run).
+    """
+    if pairs.max_prompts is not None:
+        prompts_ds = prompts_ds.select(range(min(pairs.max_prompts, len(prompts_ds))))
+    k = pairs.samples_per_prompt
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    weights = torch.tensor(reward_weights, dtype=torch.float32)
+    for start in range(0, len(prompts_ds), pairs.batch_size):
+        chunk = prompts_ds.select(range(start, min(start + pairs.batch_size, len(prompts_ds))))
+        prompts = [p for p in chunk["prompt"] for _ in range(k)]
+        completions = _sample(policy, tokenizer, prompts, max_new_tokens, pairs.temperature)
+        columns = {c: [v for v in chunk[c] for _ in range(k)] for c in chunk.column_names if c != "prompt"}
+        per_func = torch.zeros(len(prompts), len(reward_funcs))
+        for i, func in enumerate(reward_funcs):
+            values = func(prompts=prompts, completions=completions, **columns)
+            per_func[:, i] = torch.tensor([math.nan if v is None else v for v in values])
+        scores = (per_func * weights).nansum(dim=1).view(-1, k)  # [prompts, k]
+        for j, prompt in enumerate(chunk["prompt"]):
+            best, worst = int(scores[j].argmax()), int(scores[j].argmin())
+            if scores[j, best] > scores[j, worst]:
+                rows["prompt"].append(prompt)
+                rows["chosen"].append(completions[j * k + best])
+                rows["rejected"].append(completions[j * k + worst])
+    return Dataset.from_dict(rows)
+
+
+def _sample(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> list[str]:
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = policy.training
+    policy.eval()
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(policy.device)
+        generated = policy.generate(
+            **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        tokenizer.padding_side = saved_side
+        policy.train(was_training)
+    new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
+    return [tokenizer.decode(tasks.cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in new_tokens]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def trl_args(cfg: Config, ctx: StageContext, budget: int, weights: list[float]):
+    """The TRL config: the stage's defaults, then the recipe's `trl:` block on top."""
+    config_class = TRL_CONFIGS[cfg.algo]
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.checkpoint_dir),
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        max_steps=100,
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=50,
+        save_total_limit=2,
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+    if not torch.cuda.is_available():
+        kwargs.update(use_cpu=True, bf16=False)
+    if cfg.algo in ("grpo", "rloo"):
+        kwargs.update(max_completion_length=budget, reward_weights=weights)
+    kwargs.update(check_trl_keys(dict(cfg.trl), cfg.algo))
+    return config_class(**kwargs)
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    data_dir = ctx.need("data")
+    model_dir = input_model_dir(ctx)
+    prompts = load_from_disk(str(data_dir / "prompts"))
+    tokenizer = load_tokenizer(model_dir, data_dir)
+    policy = load_policy(model_dir, ctx)
+    check_vocab(policy, tokenizer, f"stages.rl: model {model_dir}")
+    train_ds, test_ds = prompts["train"], prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
+    if len(train_ds) == 0:
+        raise ValueError(f"stages.rl: {data_dir / 'prompts'} has no RL prompts (train split is empty: raise data.rl_prompts)")
+    budget = tasks.answer_token_budget(tokenizer, test_ds["answer"])
+
+    metrics: dict[str, Any] = {"algo": cfg.algo, "input_model": model_dir.name}
+    if ctx.is_main_process:
+        before = evaluate(policy, tokenizer, test_ds, budget, cfg.eval_batch_size)
+        metrics.update({f"{key}_before": value for key, value in before.items()})
+        ctx.logger.info("rl: input model %s: %s", model_dir, before)
+
+    if cfg.lora is not None:
+        policy = apply_lora(policy, cfg.lora)
+    reward_funcs, weights = rewards_lib.build_rewards(cfg.rewards, policy=policy, tokenizer=tokenizer)
+    resume = ctx.last_checkpoint()
+    callbacks = [JsonLogCallback(ctx.out_dir / "train_log.json"), *ctx.extra.get("callbacks", [])]
+
+    if cfg.algo == "ppo":
+        ppo_cfg = cfg.ppo if cfg.ppo.max_completion_length else cfg.ppo.model_copy(update={"max_completion_length": budget})
+        ref_model = load_policy(model_dir, ctx) if ppo_cfg.kl_coef > 0 else None
+        value_backbone = load_policy(model_dir, ctx) if ppo_cfg.value_model == "separate" else None
+        trainer = PPOTrainer(
+            policy, ref_model, tokenizer, reward_funcs, weights, train_ds, ppo_cfg, ctx.checkpoint_dir,
+            seed=ctx.seed, value_backbone=value_backbone, callbacks=callbacks, logger=ctx.logger,
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
+        steps, history = result["steps"], result["log_history"]
+    else:
+        args = trl_args(cfg, ctx, budget, weights)
+        common = dict(model=policy, args=args, processing_class=tokenizer, callbacks=callbacks)
+        if cfg.algo == "grpo":
+            trainer = trl.GRPOTrainer(reward_funcs=reward_funcs, train_dataset=train_ds, **common)
+        elif cfg.algo == "rloo":
+            trainer = trl.RLOOTrainer(reward_funcs=reward_funcs, train_dataset=train_ds, **common)
+        else:
+            pairs = dpo_pairs(cfg, ctx, data_dir, policy, tokenizer, train_ds, reward_funcs, weights, budget)
+            metrics["dpo_pairs"] = len(pairs)
+            # the reference = the input model from its folder (with LoRA: the policy, adapter off)
+            ref_model = None if cfg.lora is not None else load_policy(model_dir, ctx)
+            trainer = trl.DPOTrainer(ref_model=ref_model, train_dataset=pairs, **common)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        steps, history = result.global_step, trainer.state.log_history
+        policy = trainer.model
+
+    final = policy
+    if cfg.lora is not None and cfg.lora.merge:
+        final = policy.merge_and_unload()
+    spiking.set_sgc_lambda(final, 0.0)
+    metrics["steps"] = steps
+    if not ctx.is_main_process:
+        return metrics
+    final.save_pretrained(ctx.out_dir)
+    tokenizer.save_pretrained(ctx.out_dir)
+    after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size)
+    metrics.update({f"{key}_after": value for key, value in after.items()})
+    metrics["eval_samples"] = len(test_ds)
+    logged = [entry for entry in history if any(k.startswith("rewards/") or k == "reward" for k in entry)]
+    if logged:
+        metrics["last_logged"] = {k: v for k, v in logged[-1].items() if isinstance(v, (int, float))}
+    (ctx.out_dir / "rl_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def dpo_pairs(cfg: Config, ctx: StageContext, data_dir: Path, policy, tokenizer, train_ds, reward_funcs, weights, budget) -> Dataset:
+    """The data stage's pairs (source data / auto when present) or pairs sampled from the policy."""
+    stored = data_dir / "preferences"
+    if cfg.dpo.source == "data" or (cfg.dpo.source == "auto" and stored.is_dir()):
+        if not stored.is_dir():
+            raise ValueError(f"stages.rl.dpo.source: data, but {stored} does not exist (set stages.data.preference_pairs)")
+        pairs = load_from_disk(str(stored))
+        missing = {"prompt", "chosen", "rejected"} - set(pairs.column_names)
+        if missing:
+            raise ValueError(f"stages.rl: {stored} lacks the columns {sorted(missing)}")
+        return pairs.select_columns(["prompt", "chosen", "rejected"])
+    torch.manual_seed(ctx.seed)  # a resumed attempt rebuilds the same pairs
+    pairs = sample_preference_pairs(
+        policy, tokenizer, train_ds, reward_funcs, weights, cfg.dpo, cfg.dpo.max_new_tokens or budget
+    )
+    ctx.logger.info("rl: built %d DPO pairs from %d prompts × %d samples", len(pairs), len(train_ds), cfg.dpo.samples_per_prompt)
+    if len(pairs) == 0:
+        raise ValueError(
+            f"stages.rl.dpo: no prompt had samples with different rewards among {cfg.dpo.samples_per_prompt} per prompt "
+            "(raise dpo.samples_per_prompt or dpo.temperature, or give the data stage's preference pairs)"
+        )
+    return pairs

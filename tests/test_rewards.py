@@ -1,0 +1,144 @@
+"""rewards/: the docstring examples (doctest), edge cases, the recipe forms, the checking wrapper
+(an error naming the reward), and spike_energy against spiking.count_spikes row by row.
+
+Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rewards.py -q
+"""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+
+import rewards
+import rewards.energy
+import rewards.tasks
+import spiking
+from rewards import REWARDS, RewardError, build_rewards, checked, parse_spec
+from tests.test_ppo import tiny_policy
+from tests.test_trl_peft import char_tokenizer
+
+
+@pytest.mark.parametrize("module", [rewards, rewards.tasks, rewards.energy])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    print(module.__name__, result)
+    assert result.failed == 0
+    if module is not rewards.energy:
+        assert result.attempted > 0
+
+
+def test_registry_has_the_named_rewards_with_trls_signature():
+    assert set(REWARDS) >= {"arith_exact", "math_answer", "format", "length_penalty"}
+    for name, func in REWARDS.items():
+        out = func(completions=["1", "x"], answer=["1", "2"], prompts=["a", "b"], completion_ids=[[1], [2]], trainer_state=None)
+        assert len(out) == 2 and all(v is None or isinstance(v, float) for v in out), name
+
+
+def test_edge_cases():
+    assert REWARDS["arith_exact"]([], answer=[]) == []
+    assert REWARDS["arith_exact"](["\n42\n"], answer=[" 42"]) == [1.0]
+    assert REWARDS["math_answer"](["-3.50 dollars"], answer=["#### -3.5"]) == [1.0]
+    assert REWARDS["math_answer"](["1,000,000"], answer=[1000000]) == [1.0]
+    assert REWARDS["math_answer"](["7"], answer=["no number here"]) == [None]
+    assert REWARDS["format"]([""]) == [0.0]
+    assert REWARDS["length_penalty"]([""]) == [0.0]
+    with pytest.raises(ValueError, match="invalid regex"):
+        rewards.format_reward("(")
+
+
+def test_recipe_forms_and_weights():
+    assert parse_spec("arith_exact") == [("arith_exact", 1.0, {})]
+    assert parse_spec({"arith_exact": 1, "length_penalty": 0.1}) == [("arith_exact", 1.0, {}), ("length_penalty", 0.1, {})]
+    funcs, weights = build_rewards([{"format": {"weight": 0.5, "pattern": "^a"}}, "tests.test_rewards.always_one"])
+    assert weights == [0.5, 1.0]
+    assert [f.__name__ for f in funcs] == ["format", "tests.test_rewards.always_one"]
+    assert funcs[0](completions=["ab", "ba"]) == [1.0, 0.0]
+    assert funcs[1](completions=["x"]) == [1.0]
+    with pytest.raises(ValueError, match="rewards.nope: unknown reward"):
+        parse_spec(["nope"])
+    with pytest.raises(ValueError, match="arith_exact listed twice"):
+        parse_spec(["arith_exact", {"arith_exact": 2}])
+    with pytest.raises(ValueError, match="rewards.arith_exact: takes no arguments"):
+        parse_spec([{"arith_exact": {"pattern": "x"}}])
+    with pytest.raises(ValueError, match="rewards.format: weight must be a number"):
+        parse_spec([{"format": "heavy"}])
+    with pytest.raises(ValueError, match="has no callable 'missing'"):
+        build_rewards(["tests.test_rewards.missing"])
+    with pytest.raises(ValueError, match="cannot import module"):
+        build_rewards(["no_such_module.reward"])
+    with pytest.raises(ValueError, match="spike_energy: needs the policy"):
+        build_rewards([{"spike_energy": 0.1}])
+
+
+def always_one(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_a_broken_reward_fails_with_its_name():
+    def raises(completions, **kwargs):
+        raise KeyError("answer")
+
+    with pytest.raises(RewardError, match=r"reward 'my_reward' raised KeyError: 'answer'"):
+        checked(raises, "my_reward")(completions=["a"])
+    with pytest.raises(RewardError, match=r"reward 'short' returned 1 values for 2 completions"):
+        checked(lambda completions, **kw: [1.0], "short")(completions=["a", "b"])
+    with pytest.raises(RewardError, match=r"reward 'text' returned 'yes' for completion 0"):
+        checked(lambda completions, **kw: ["yes"], "text")(completions=["a"])
+    with pytest.raises(RewardError, match=r"reward 'nan' returned nan"):
+        checked(lambda completions, **kw: [float("nan")], "nan")(completions=["a"])
+    with pytest.raises(RewardError, match=r"reward 'scalar' returned float"):
+        checked(lambda completions, **kw: 1.0, "scalar")(completions=["a"])
+    # a dotted-path user reward is wrapped too
+    (func,), _ = build_rewards(["tests.test_rewards.wrong_length"])
+    with pytest.raises(RewardError, match=r"reward 'tests.test_rewards.wrong_length' returned 0 values"):
+        func(completions=["a"])
+
+
+def wrong_length(completions, **kwargs):
+    return []
+
+
+# ----------------------------------------------------------------------------- spike_energy
+
+
+def test_spike_energy_equals_count_spikes_on_each_completion_alone():
+    tokenizer = char_tokenizer()
+    policy = tiny_policy(tokenizer)
+    prompts = ["12+34=", "5+6=", "9+99="]
+    completions = ["46", "11", ""]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    (energy,), _ = build_rewards([{"spike_energy": 0.1}], policy=policy, tokenizer=tokenizer)
+    assert energy.__name__ == "spike_energy"
+    values = energy(prompts=prompts, completions=completions, completion_ids=completion_ids)
+    assert values[2] is None  # an empty completion has no tokens to count
+    for prompt, completion, value in zip(prompts[:2], completion_ids[:2], values[:2]):
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] + completion])
+        mask = torch.zeros_like(ids)
+        mask[:, -len(completion):] = 1
+        with torch.no_grad(), spiking.count_spikes(policy, attention_mask=mask) as stats:
+            policy(input_ids=ids)
+        alone = stats.overall()
+        expected = -alone["abs_sum"] / alone["elements"]
+        print(value, expected, alone["spikes_per_token"])
+        assert value == pytest.approx(expected, rel=1e-6) and value < 0
+
+
+def test_spike_energy_penalises_more_spikes_more():
+    tokenizer = char_tokenizer()
+    policy = tiny_policy(tokenizer)
+    energy = rewards.SpikeEnergy(policy, tokenizer)
+    args = dict(prompts=["12+34="], completions=["46"], completion_ids=[tokenizer("46", add_special_tokens=False)["input_ids"]])
+    base = energy(**args)[0]
+    for _, neuron in spiking.iter_neurons(policy):
+        with torch.no_grad():
+            neuron.log_V.sub_(1.0)  # thresholds × 0.37: more spikes for the same input
+    assert energy(**args)[0] < base
+
+
+def test_spike_energy_needs_a_spiking_policy():
+    tokenizer = char_tokenizer()
+    plain = spiking.SpikingMambaForCausalLM(spiking.SpikingMambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=1, neurons={}))
+    with pytest.raises(ValueError, match="spike_energy: the policy has no spiking neurons"):
+        rewards.SpikeEnergy(plain, tokenizer)
