@@ -43,11 +43,13 @@ class NeuronSpec(StrictModel):
     T: int = Field(4, ge=1, description="atmn steps per token")
     tau: float = Field(1.0, gt=0, description="atmn leak (1 = none)")
     learnable: bool = Field(True, description="learn the threshold (LSQ / exp(a) gradient)")
+    lsq_grad_scale: bool = Field(True, description="LSQ's 1/sqrt(n·D) threshold-gradient scale; false: thresholds move faster")
 
     def spec(self) -> dict:
+        common = {"learnable": self.learnable, "lsq_grad_scale": self.lsq_grad_scale}
         if self.kind == "si_lif":
-            return {"kind": "si_lif", "D": self.D, "learnable": self.learnable}
-        return {"kind": "atmn", "T": self.T, "tau": self.tau, "learnable": self.learnable}
+            return {"kind": "si_lif", "D": self.D, **common}
+        return {"kind": "atmn", "T": self.T, "tau": self.tau, **common}
 
 
 class SGCConfig(StrictModel):
