@@ -94,6 +94,22 @@ class StageContext:
             )
         return self.upstream[name]
 
+    def record_before_training(self, values: dict[str, Any]) -> None:
+        """Keep figures measured before the first step (e.g. the converted student's accuracy)
+        beside the checkpoints, so a resumed attempt can still report them."""
+        import json
+
+        path = self.out_dir / "pre_training_metrics.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps(saved | values))
+
+    def recorded_before_training(self) -> dict[str, Any]:
+        """What `record_before_training` kept for this stage's attempt ({} if nothing)."""
+        import json
+
+        path = self.out_dir / "pre_training_metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     @property
     def checkpoint_dir(self) -> Path:
         """Where HF Trainer checkpoints (`checkpoint-N/`) of this stage go."""

@@ -19,7 +19,6 @@ Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,7 +241,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             student, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size
         )["accuracy"]
         ctx.logger.info("distill: converted student (no training) accuracy %.3f", converted_accuracy)
-        _write_attempt_metric(ctx, "converted_accuracy", converted_accuracy)
+        ctx.record_before_training({"converted_accuracy": converted_accuracy})
 
     trainer = DistillTrainer(
         model=student,
@@ -268,21 +267,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         return metrics
     tokenizer.save_pretrained(ctx.out_dir)
     # a resumed attempt reads the figure its first attempt recorded before training
-    metrics["converted_accuracy"] = _read_attempt_metric(ctx, "converted_accuracy")
+    metrics["converted_accuracy"] = ctx.recorded_before_training().get("converted_accuracy")
     metrics.update(_evaluate(student, teacher, tokenizer, corpus, test_prompts, budget, cfg))
     return metrics
-
-
-def _write_attempt_metric(ctx: StageContext, key: str, value: float) -> None:
-    """Keep a figure measured before training next to the checkpoints, for a resumed attempt."""
-    path = ctx.out_dir / "pre_training_metrics.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps(saved | {key: value}))
-
-
-def _read_attempt_metric(ctx: StageContext, key: str) -> float | None:
-    path = ctx.out_dir / "pre_training_metrics.json"
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
 
 
 @torch.no_grad()

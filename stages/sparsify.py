@@ -494,7 +494,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             before = module_report(teacher, distilled, held_out, {p: _describe(s) for p, s in neurons.items()}, ctx)
             if cfg.eval_before:
                 before["distilled_accuracy"] = _accuracy(distilled, tokenizer, test_prompts, budget, cfg)
-            _write_attempt_metrics(ctx, before)
+            ctx.record_before_training(before)
         # new / changed neurons start from thresholds calibrated on the student's own activations
         # (fresh start only: a checkpoint restores the trained ones)
         for name, neuron in spiking.iter_neurons(student):
@@ -507,7 +507,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         if ctx.is_main_process and cfg.eval_before:
             converted = _accuracy(student, tokenizer, test_prompts, budget, cfg)
             ctx.logger.info("sparsify: refined student before training (calibrated only): accuracy %.3f", converted)
-            _write_attempt_metrics(ctx, {"converted_accuracy": converted})
+            ctx.record_before_training({"converted_accuracy": converted})
     del distilled
 
     args = build_training_args(cfg, ctx)
@@ -537,7 +537,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if not ctx.is_main_process:
         return metrics
     tokenizer.save_pretrained(ctx.out_dir)
-    metrics.update(_read_attempt_metrics(ctx))  # measured before training by the first attempt
+    metrics.update(ctx.recorded_before_training())  # measured before training by the first attempt
     metrics.update(_evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget, cfg))
     return metrics
 
@@ -559,18 +559,6 @@ def _accuracy(model, tokenizer, test_prompts, budget: int, cfg: Config) -> float
     return tasks.exact_match_accuracy(
         model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size
     )["accuracy"]
-
-
-def _write_attempt_metrics(ctx: StageContext, values: dict) -> None:
-    """Keep figures measured before training next to the checkpoints, for a resumed attempt."""
-    path = ctx.out_dir / "pre_training_metrics.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps(saved | values))
-
-
-def _read_attempt_metrics(ctx: StageContext) -> dict:
-    path = ctx.out_dir / "pre_training_metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @torch.no_grad()
