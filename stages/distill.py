@@ -25,13 +25,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from datasets import load_from_disk
-from pydantic import Field, field_validator
+from pydantic import Field
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
 import spiking
 from stages import tasks
 from stages.context import StageContext, StrictModel
-from stages.teacher import JsonLogCallback, build_training_args, check_trainer_keys, check_vocab, collate_blocks, load_compute_teacher
+from stages.teacher import JsonLogCallback, TrainerKnobs, build_training_args, check_vocab, collate_blocks, load_compute_teacher
 
 
 class NeuronSpec(StrictModel):
@@ -67,7 +67,7 @@ class LossConfig(StrictModel):
     temperature: float = Field(1.0, gt=0, description="softmax temperature τ of the KL term")
 
 
-class Config(StrictModel):
+class Config(TrainerKnobs):
     """`stages.distill:` recipe section."""
 
     neuron: NeuronSpec = Field(default_factory=NeuronSpec, description="neuron at each placement")
@@ -79,24 +79,8 @@ class Config(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
     calibration_batches: int = Field(4, ge=1, description="batches used to initialise thresholds before step 1")
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
-    max_steps: int = Field(400, ge=1, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (paper scale: 2e-5)")
-    batch_size: int = Field(32, ge=1, description="sequences per device per step")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warmup fraction")
-    lr_scheduler: str = Field("cosine", description="HF scheduler name")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    save_steps: int = Field(100, ge=1, description="checkpoint every N steps (resume point)")
     logging_steps: int = Field(20, ge=1, description="log losses, λ and firing rates every N steps")
-    eval_samples: int = Field(200, ge=1, description="held-out prompts for the accuracy metric")
-    eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity and energy")
-    eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
-    trainer: dict[str, Any] = Field(default_factory=dict, description="extra TrainingArguments fields, passed through")
-
-    @field_validator("trainer")
-    @classmethod
-    def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_trainer_keys(value)
 
 
 def sgc_lambda(step: int, max_steps: int, sgc: SGCConfig | Literal[False]) -> float:

@@ -58,8 +58,8 @@ from stages.context import StageContext, StrictModel
 from stages.distill import SGCConfig, SGCSchedule, sgc_lambda
 from stages.teacher import (
     JsonLogCallback,
+    TrainerKnobs,
     build_training_args,
-    check_trainer_keys,
     check_vocab,
     collate_blocks,
     load_compute_teacher,
@@ -142,7 +142,7 @@ def _default_modules() -> dict[str, ModuleNeuron]:
     return {"in_proj": ModuleNeuron(kind="atmn", T=4), "out_proj": ModuleNeuron(kind="atmn", T=4)}
 
 
-class Config(StrictModel):
+class Config(TrainerKnobs):
     """`stages.sparsify:` recipe section."""
 
     modules: dict[str, ModuleNeuron] = Field(
@@ -156,18 +156,9 @@ class Config(StrictModel):
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
     max_steps: int = Field(200, ge=1, description="optimizer steps (each costs T student forwards with spike_aware)")
     lr: float = Field(5e-4, gt=0, description="peak learning rate: a refinement, lower than distill's")
-    batch_size: int = Field(32, ge=1, description="sequences per device per step")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="linear warmup fraction")
-    lr_scheduler: str = Field("cosine", description="HF scheduler name")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    save_steps: int = Field(100, ge=1, description="checkpoint every N steps (resume point)")
     logging_steps: int = Field(20, ge=1, description="log losses and firing rates every N steps")
-    eval_samples: int = Field(200, ge=1, description="held-out prompts for the accuracy metric")
     eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity, firing rates and energy")
-    eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
     eval_before: bool = Field(True, description="also score the distilled and the converted student before training")
-    trainer: dict[str, Any] = Field(default_factory=dict, description="extra TrainingArguments fields, passed through")
 
     @field_validator("modules", mode="before")
     @classmethod
@@ -183,11 +174,6 @@ class Config(StrictModel):
                 raise ValueError(f"modules.{key}: module type {name!r} is given twice")
             normalised[name] = choice
         return normalised
-
-    @field_validator("trainer")
-    @classmethod
-    def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_trainer_keys(value)
 
 
 # ------------------------------------------------------------------------------ the student

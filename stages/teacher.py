@@ -77,28 +77,25 @@ def check_trainer_keys(trainer: dict[str, Any], section: str = "trainer") -> dic
     return trainer
 
 
-class Config(StrictModel):
-    """`stages.teacher:` recipe section (the source is `model.teacher`)."""
+class TrainerKnobs(StrictModel):
+    """The HF Trainer knobs every training stage has (`build_training_args` reads them).
 
-    max_steps: int = Field(500, ge=1, description="optimizer steps: more = better teacher, longer run")
-    lr: float = Field(3e-3, gt=0, description="peak learning rate (small models take 1e-3..3e-3)")
-    batch_size: int = Field(64, ge=1, description="packed blocks per device per step")
+    A stage's Config extends this and redeclares only the fields whose default differs.
+    """
+
+    max_steps: int = Field(400, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    batch_size: int = Field(32, ge=1, description="packed blocks per device per step")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation: a larger batch at the same memory")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warmup")
     lr_scheduler: str = Field("cosine", description="HF scheduler name: cosine, linear, constant_with_warmup …")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     save_steps: int = Field(100, ge=1, description="checkpoint every N steps: the resume point after a crash")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk (oldest deleted)")
-    logging_steps: int = Field(20, ge=1, description="log the loss every N steps (also to train_log.json)")
-    finetune_pretrained: bool = Field(
-        False, description="train a pretrained teacher on the corpus too (false: use it as loaded)"
-    )
-    eval_samples: int = Field(200, ge=1, description="held-out prompts scored for teacher_accuracy")
-    eval_blocks: int = Field(64, ge=1, description="held-out corpus blocks for teacher_ppl")
+    logging_steps: int = Field(20, ge=1, description="log losses every N steps (also to train_log.json)")
+    eval_samples: int = Field(200, ge=1, description="held-out prompts scored for the accuracy metric")
+    eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity (and energy)")
     eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
-    eval_max_new_tokens: int | None = Field(
-        None, ge=1, description="generation budget per prompt (None: longest test answer + 2 tokens)"
-    )
     trainer: dict[str, Any] = Field(
         default_factory=dict, description="any other TrainingArguments field, passed through (e.g. bf16, optim)"
     )
@@ -107,6 +104,22 @@ class Config(StrictModel):
     @classmethod
     def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         return check_trainer_keys(value)
+
+
+class Config(TrainerKnobs):
+    """`stages.teacher:` recipe section (the source is `model.teacher`)."""
+
+    max_steps: int = Field(500, ge=1, description="optimizer steps: more = better teacher, longer run")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (small models take 1e-3..3e-3)")
+    batch_size: int = Field(64, ge=1, description="packed blocks per device per step")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    finetune_pretrained: bool = Field(
+        False, description="train a pretrained teacher on the corpus too (false: use it as loaded)"
+    )
+    eval_blocks: int = Field(64, ge=1, description="held-out corpus blocks for teacher_ppl")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="generation budget per prompt (None: longest test answer + 2 tokens)"
+    )
 
 
 # -------------------------------------------------------------------------------------- models
@@ -185,7 +198,7 @@ def check_vocab(model, tokenizer, where: str) -> None:
 # ------------------------------------------------------------------------------------ training
 
 
-def build_training_args(cfg, ctx: StageContext, **overrides) -> TrainingArguments:
+def build_training_args(cfg: TrainerKnobs, ctx: StageContext, **overrides) -> TrainingArguments:
     """TrainingArguments from a stage config with the common knobs (max_steps, lr, batch_size, …).
 
     Deterministic by construction: seed and data_seed from the run, no dataloader workers, so an
@@ -202,7 +215,7 @@ def build_training_args(cfg, ctx: StageContext, **overrides) -> TrainingArgument
         weight_decay=cfg.weight_decay,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=getattr(cfg, "save_total_limit", 2),
+        save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
         seed=ctx.seed,
         data_seed=ctx.seed,
