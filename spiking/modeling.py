@@ -35,8 +35,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
-from .kernels import SCAN_BACKENDS, selective_scan, selective_state_update
-from .neurons import make_neuron
+from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan, selective_state_update
+from .neurons import ATMN, SILIF, make_neuron
 
 # Where a neuron may sit: the input of that linear layer. "mlp.*" need `mlp_intermediate_size`.
 MIXER_PLACEMENTS = ("in_proj", "x_proj", "out_proj")
@@ -180,6 +180,24 @@ class SpikingMambaMixer(nn.Module):
             return self.neurons[placement](x)
         return x
 
+    def fused_out_neuron(self, device: torch.device) -> nn.Module | None:
+        """The out_proj neuron when the Triton backend runs it fused with the gate, else None.
+
+        Fused: SI-LIF and ATMN (tau = 1), SGC and learnable thresholds (LSQ) included. Not fused
+        (the unfused path runs, same values): while spikes are counted (the kernel returns no
+        counts), ATA updates in training (they need the gated activations), ATMN with a leak.
+        """
+        if not (self.config.spiking and "out_proj" in self.neurons):
+            return None
+        if resolve_backend(self.config.scan_backend, device) != "triton":
+            return None
+        neuron = self.neurons["out_proj"]
+        if neuron._spike_recorders or (neuron.training and neuron.ata_momentum > 0):
+            return None
+        if isinstance(neuron, ATMN) and neuron.tau != 1.0:
+            return None
+        return neuron
+
     def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None, attention_mask=None) -> torch.Tensor:
         """hidden_states [B, L, H] -> [B, L, H]. With `cache`, reads and updates this layer's conv/SSM state."""
         seq_len = hidden_states.shape[1]
@@ -220,16 +238,18 @@ class SpikingMambaMixer(nn.Module):
         # the module is called (HF reads dt_proj.weight): a LoRA adapter / ZeRO-3 hook on it then takes effect
         time_step = self.dt_proj(time_step).transpose(1, 2)  # [B, D, L], bias included
 
-        # 4. selective scan, gated by SiLU(z)
+        # 4. selective scan, gated by SiLU(z) (the gate moves into the neuron kernel when that is fused)
         backend = self.config.scan_backend
+        fused_neuron = self.fused_out_neuron(x.device)
+        scan_gate = gate if fused_neuron is None else None
         if step and ssm_state is not None:
             y = selective_state_update(
-                ssm_state, x[:, 0], time_step[..., 0], A, B[:, 0], C[:, 0], self.D, z=gate[..., 0],
-                dt_softplus=True, backend=backend,
+                ssm_state, x[:, 0], time_step[..., 0], A, B[:, 0], C[:, 0], self.D,
+                z=scan_gate[..., 0] if scan_gate is not None else None, dt_softplus=True, backend=backend,
             ).unsqueeze(-1)  # [B, D, 1]
         else:
             result = selective_scan(
-                x.transpose(1, 2), time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=gate,
+                x.transpose(1, 2), time_step, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=scan_gate,
                 delta_softplus=True, return_last_state=cache is not None,
                 # continuing from a cached state (several new tokens) must not restart the state at 0
                 initial_state=ssm_state, backend=backend,
@@ -241,6 +261,14 @@ class SpikingMambaMixer(nn.Module):
                 y = result
 
         # 5. output projection (neuron on its input)
+        if fused_neuron is not None:
+            # one kernel: y·SiLU(z) -> neuron -> [B, L, D]; V through _threshold_for keeps LSQ's gradient scale
+            levels = fused_neuron.D if isinstance(fused_neuron, SILIF) else fused_neuron._steps_now()
+            spikes_in = gate_neuron(
+                y, gate, fused_neuron._threshold_for(y), fused_neuron.kind, levels, fused_neuron.sgc_lambda,
+                out_dtype=dtype, backend=backend,
+            )
+            return self.out_proj(spikes_in)
         y = y.transpose(1, 2).to(dtype)  # [B, L, D]
         return self.out_proj(self.spike("out_proj", y))
 

@@ -1,8 +1,15 @@
-"""Kernels: each fast path beside its PyTorch `_ref` twin, picked by an explicit `backend`."""
+"""Kernels: each fast path beside its PyTorch `_ref` twin, picked by an explicit `backend`.
+
+scan.py          selective_scan_ref / selective_state_update_ref, the dispatch (resolve_backend)
+neuron_gate.py   gate_neuron_ref: y·SiLU(z) then the out_proj neuron; its dispatch
+triton_scan.py   Triton selective scan (fwd + bwd, chunked) and one-token step   (imported lazily)
+triton_neurons.py  Triton fused gate + SI-LIF / ATMN (fwd + bwd)                  (imported lazily)
+"""
 
 from .scan import (
     MAMBA_SSM_AVAILABLE,
     SCAN_BACKENDS,
+    TRITON_AVAILABLE,
     linear_recurrence,
     resolve_backend,
     selective_scan,
@@ -10,10 +17,14 @@ from .scan import (
     selective_state_update,
     selective_state_update_ref,
 )
+from .neuron_gate import gate_neuron, gate_neuron_ref
 
 __all__ = [
     "MAMBA_SSM_AVAILABLE",
     "SCAN_BACKENDS",
+    "TRITON_AVAILABLE",
+    "gate_neuron",
+    "gate_neuron_ref",
     "linear_recurrence",
     "resolve_backend",
     "selective_scan",

@@ -13,16 +13,21 @@ per-step zero-filled gradient buffers as in an indexing loop), and everything el
 `selective_scan(..., backend=)` picks the implementation explicitly:
   "ref"       this module's PyTorch scan (any device)
   "mamba_ssm" mamba-ssm's CUDA kernel `selective_scan_fn` (CUDA tensors, mamba-ssm installed)
-  "triton"    slot for the project's Triton kernel (not written yet)
-  "auto"      mamba_ssm when it imports and the tensors are on CUDA, else ref
-The backend chosen is logged once per (requested, chosen) pair.
+  "triton"    the project's Triton kernels (`triton_scan.py`): CUDA tensors, or CPU tensors
+              through the interpreter when TRITON_INTERPRET=1 was set before import (tests only)
+  "auto"      mamba_ssm when it imports and the tensors are on CUDA, else triton on CUDA, else
+              ref; never a GPU kernel (nor the interpreter) for CPU tensors
+The backend chosen is logged once per (requested, chosen) pair. The Triton modules define kernels
+when imported, so they are imported here lazily, at the first call that picks them.
 
 Run its tests: `OMP_NUM_THREADS=1 python -m pytest tests/test_scan.py -q`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +48,11 @@ except Exception:  # noqa: BLE001 - see above
     _mamba_selective_state_update = None
     MAMBA_SSM_AVAILABLE = False
 
+# triton is an optional extra too; only its presence is checked here (importing our kernels is lazy)
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
 SCAN_BACKENDS = ("auto", "ref", "triton", "mamba_ssm")
+_TRITON_INSTALL = "pip install 'spikerl[triton]'  (triton==3.9.0)"
 _MAMBA_SSM_INSTALL = "pip install --no-build-isolation mamba-ssm causal-conv1d  (on a CUDA machine)"
 _logged_choices: set[tuple[str, str]] = set()
 
@@ -210,12 +219,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in SCAN_BACKENDS:
         raise ValueError(f"scan_backend must be one of {SCAN_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        chosen = "mamba_ssm" if MAMBA_SSM_AVAILABLE and device.type == "cuda" else "ref"
+        if device.type == "cuda" and MAMBA_SSM_AVAILABLE:
+            chosen = "mamba_ssm"
+        elif device.type == "cuda" and TRITON_AVAILABLE:
+            chosen = "triton"
+        else:
+            chosen = "ref"
     elif backend == "triton":
-        raise NotImplementedError(
-            "scan_backend='triton': the project's Triton selective scan lands with the kernels issue; "
-            "use 'auto' or 'ref' for now"
-        )
+        if not TRITON_AVAILABLE:
+            raise RuntimeError(f"scan_backend='triton' but triton is not installed; install it: {_TRITON_INSTALL}")
+        if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError(
+                f"scan_backend='triton' needs CUDA tensors, got device {device.type!r}; on CPU use 'ref' (or, for "
+                "kernel tests, set TRITON_INTERPRET=1 before importing spiking: ~1000x slower than 'ref')"
+            )
+        chosen = "triton"
     elif backend == "mamba_ssm":
         if not MAMBA_SSM_AVAILABLE:
             raise RuntimeError(f"scan_backend='mamba_ssm' but mamba_ssm does not import; install it: {_MAMBA_SSM_INSTALL}")
@@ -234,6 +252,16 @@ def selective_scan(
 ):
     """Dispatch the selective scan to `backend` (see the module docstring); same arguments as the ref."""
     chosen = resolve_backend(backend, u.device)
+    if chosen == "triton":
+        if B.dim() != 2 and C.dim() != 2:
+            from .triton_scan import selective_scan_triton  # lazy: importing defines kernels
+
+            return selective_scan_triton(
+                u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                return_last_state=return_last_state, initial_state=initial_state,
+            )
+        # the Triton kernel takes input-dependent B, C only; constant [D, N] ones (not Mamba's) run the ref
+        _log_choice(backend, "ref (constant B/C)")
     if chosen == "mamba_ssm" and initial_state is None:  # pragma: no cover - needs CUDA + mamba-ssm
         return _mamba_selective_scan_fn(
             u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
@@ -247,8 +275,18 @@ def selective_scan(
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend="auto"):
-    """Dispatch the one-token update: mamba-ssm's Triton kernel on CUDA when chosen, else the ref."""
+    """Dispatch the one-token update: mamba-ssm's or this project's Triton kernel when chosen, else the ref."""
     chosen = resolve_backend(backend, x.device)
+    if chosen == "triton":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias)
+        )
+        if not needs_grad and state.is_contiguous():
+            from .triton_scan import selective_state_update_triton  # lazy: importing defines kernels
+
+            return selective_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        # the step kernel is inference-only (generation runs under no_grad); a differentiable step uses the ref
+        _log_choice(backend, "ref (one-token step with autograd)")
     if chosen == "mamba_ssm":  # pragma: no cover - needs CUDA + mamba-ssm
         return _mamba_selective_state_update(
             state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
