@@ -1,8 +1,9 @@
-"""The command line: `spikerl run | status` (the same as `python -m pipeline run | status`).
+"""The command line: `spikerl run | status | report` (the same as `python -m pipeline ...`).
 
     spikerl run recipes/tiny.yaml
     spikerl run recipes/tiny.yaml stages.teacher.max_steps=50 run.seed=1 --from teacher
     spikerl status recipes/tiny.yaml
+    spikerl report runs/tiny
 
 Mistakes the user can fix (bad recipe, missing file, locked run folder) print one message and
 exit with status 2; a failure inside a stage prints its traceback and exits with status 1.
@@ -25,6 +26,7 @@ examples:
   spikerl run recipes/tiny.yaml --only teacher           only teacher (data must be done)
   spikerl run recipes/tiny.yaml --until data             stop after data
   spikerl status recipes/tiny.yaml                       what is done, stale, interrupted
+  spikerl report runs/tiny                               accuracy / energy report of a run
   torchrun --nproc_per_node 2 -m pipeline run recipes/tiny.yaml
   accelerate launch --config_file recipes/accelerate/zero2.yaml -m pipeline run recipes/tiny.yaml
                                                          distributed: every rank runs each stage,
@@ -82,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
     status.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+
+    report = commands.add_parser(
+        "report",
+        help="write the accuracy / energy report of a finished run: markdown, JSON, PNG plots",
+        description=_wrap("Build the report of RUN_DIR from its files alone: every stage side by side "
+        "(accuracy, perplexity, firing rate, energy pJ/token, energy ratio, parameters), the papers' "
+        "reference figures beside ours, and PNG plots (matplotlib). Needs RUN_DIR/eval/metrics.json, "
+        "written by the eval stage (which also writes this report at its end)."),
+        epilog="examples:\n  spikerl report runs/tiny                 writes runs/tiny/eval/report/report.md\n"
+        "  spikerl report runs/tiny --out /tmp/rep",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="run folder, e.g. runs/tiny")
+    report.add_argument("--out", metavar="DIR", help="where to write the report (default RUN_DIR/eval/report)")
     return parser
 
 
@@ -89,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     # parse_known_args so overrides may also follow the options (`run R --from teacher a.b=1`).
     args, rest = parser.parse_known_args(argv)
+    if args.command == "report":
+        if rest:
+            parser.error(f"unrecognized argument: {rest[0]} (report takes RUN_DIR and --out DIR)")
+        return args
     for item in rest:
         if item.startswith("-") or "=" not in item:
             parser.error(f"unrecognized argument: {item}")
@@ -102,6 +122,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command == "report":
+            from stages.report import build_report  # reads files only; no recipe needed
+
+            try:
+                folder = build_report(args.run_dir, args.out)
+            except (FileNotFoundError, ValueError) as err:
+                raise UserError(str(err)) from None
+            print(f"report: {folder / 'report.md'}")
+            return 0
         # Imported here so `spikerl --help` stays fast (the stages import torch / transformers).
         from pipeline.recipe import load_recipe
 

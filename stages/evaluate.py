@@ -1,0 +1,420 @@
+"""eval stage: every model of the run side by side on the same prompts and the same tokens.
+
+    spikerl run recipes/tiny.yaml --only eval
+    spikerl report runs/tiny                   # rebuild the report from the files alone
+
+For the teacher and each finished model stage of the recipe (distill, sparsify, rl), in that
+order, measured the same way:
+
+* task accuracy: greedy completions of the data stage's held-out prompts (`prompts/test`, first
+  `eval_samples`), generated through the model's recurrent path (`generate` with the cache, one
+  token at a time), scored by each function of `tasks` (reward names of `rewards/`, e.g.
+  `arith_exact`, `math_answer`): the mean over the rows it applies to.
+* perplexity on the first `eval_blocks` packed blocks of the held-out corpus (`corpus/test`).
+* firing rate per layer, per module type (in_proj, out_proj, ...) and overall, counted with
+  `spiking.count_spikes` on those same blocks; and the energy per token on them with
+  `spiking.estimate_energy` (45nm-horowitz: MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ; memory access is
+  not counted), per op and per op kind, and the ratio E_teacher / E_model on the same tokens.
+* parameter count; lm-eval zero-shot tasks when `lm_eval` lists any, through lm-eval's own
+  `HFLM` wrapper around the in-memory model (the paper's six tasks by default; a local task
+  folder through `lm_eval_include_path`, e.g. recipes/lm_eval_tasks).
+
+A model stage the recipe does not run (or that left no manifest) is recorded as missing, with the
+reason, never as zero. The teacher runs in the project's mixer with no neurons (the same numbers
+as HF Mamba); the students run as deployed: SGC off, spikes on.
+
+Output `run_dir/eval/`: `metrics.json` (everything above, with the machine and the date) and the
+report `report/` (report.md, report.json, PNG plots; stages/report.py). The manifest's metrics
+are the headline figures per stage (`teacher/accuracy`, `rl/energy_ratio`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import load_from_disk
+from pydantic import Field, field_validator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rewards as rewards_lib
+import spiking
+from stages import tasks
+from stages.context import StageContext, StrictModel
+from stages.sparsify import MODULE_OPS  # module type -> the energy ops its neuron feeds
+from stages.teacher import check_vocab, load_compute_teacher
+
+try:  # lm-eval is optional (`pip install 'spikerl[eval]'`): needed only when `lm_eval` lists tasks
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+except ImportError:  # pragma: no cover - lm-eval is in the dev extra
+    lm_eval = None
+
+MODEL_STAGES = ("teacher", "distill", "sparsify", "rl")
+
+# The zero-shot tasks of the SpikingMamba paper (and of the Mamba paper's teacher table)
+PAPER_LM_EVAL_TASKS = ["lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande"]
+# The metric the Mamba paper reports per task (acc_norm where it is length-normalised); others: acc
+LM_EVAL_METRIC = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm"}
+
+# Op of spiking/energy.py -> the group it is drawn in (report's stacked bars); neurons: "<p>.neuron"
+OP_GROUPS = {
+    "in_proj": "in_proj", "out_proj": "out_proj", "x_proj": "x_proj / dt_proj", "dt_proj": "x_proj / dt_proj",
+    "conv1d": "conv1d", "conv_silu": "gate / SiLU", "gate": "gate / SiLU",
+    "dt_softplus": "selective scan", "discretize_A": "selective scan", "discretize_B_x": "selective scan",
+    "scan_state": "selective scan", "scan_output": "selective scan", "D_skip": "selective scan",
+    "norm": "norms / residual", "residual": "norms / residual", "norm_f": "norms / residual",
+    "mlp.norm": "mlp", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.act": "mlp", "mlp.down_proj": "mlp",
+    "mlp.residual": "mlp", "lm_head": "lm_head",
+}
+
+
+class Config(StrictModel):
+    """`stages.eval:` recipe section."""
+
+    models: list[Literal["teacher", "distill", "sparsify", "rl"]] = Field(
+        default_factory=lambda: list(MODEL_STAGES),
+        description="model stages to evaluate; one the recipe does not run is reported as missing",
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["arith_exact"],
+        description="scorers of the held-out prompts' greedy completions (reward names: arith_exact, math_answer)",
+    )
+    lm_eval: list[str] = Field(
+        default_factory=lambda: list(PAPER_LM_EVAL_TASKS),
+        description="lm-eval zero-shot tasks (the paper's six need the hub; [] = none)",
+    )
+    lm_eval_include_path: str | None = Field(
+        None, description="folder of extra lm-eval task YAMLs (e.g. recipes/lm_eval_tasks), relative to the current directory"
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None = all): fewer = faster, noisier")
+    lm_eval_batch_size: int = Field(16, ge=1, description="lm-eval requests per forward")
+    lm_eval_max_length: int = Field(2048, ge=8, description="longest context + continuation lm-eval may feed, in tokens")
+    energy: bool = Field(True, description="firing rates and energy per token on the held-out blocks")
+    eval_samples: int = Field(400, ge=1, description="held-out prompts scored for task accuracy")
+    eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity, firing rates and energy")
+    eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
+    max_new_tokens: int | None = Field(None, ge=1, description="greedy budget per prompt (None: longest answer + 2 tokens)")
+    report: bool = Field(True, description="write the report (eval/report/: markdown, JSON, PNG plots) at the end")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_scorers(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in rewards_lib.REWARDS]
+        if unknown:
+            raise ValueError(f"unknown task scorer {unknown[0]!r}; expected reward names {sorted(rewards_lib.REWARDS)}")
+        if not value:
+            raise ValueError("list at least one scorer (e.g. arith_exact)")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a model stage is listed twice: {value}")
+        return value
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def task_scores(completions: list[str], prompts_ds, task_names: list[str]) -> dict[str, float | None]:
+    """Per scorer: the mean score over the rows it applies to (None when it applies to none).
+
+    A scorer is a reward function of `rewards.REWARDS`, called like TRL calls it: the
+    completions plus every dataset column (`answer=[...]`); a row scored None does not count.
+    """
+    columns = {c: prompts_ds[c] for c in prompts_ds.column_names if c != "prompt"}
+    scores: dict[str, float | None] = {}
+    for name in task_names:
+        values = [v for v in rewards_lib.REWARDS[name](completions=completions, prompts=prompts_ds["prompt"], **columns) if v is not None]
+        scores[name] = sum(values) / len(values) if values else None
+    return scores
+
+
+def firing_rates(stats: spiking.SpikeStats, num_layers: int) -> dict[str, Any]:
+    """Overall, per layer (index 0..L-1; None for a layer without neurons) and per module type."""
+    by_layer: list[dict[str, int]] = [{"nonzero": 0, "elements": 0} for _ in range(num_layers)]
+    by_layer_module: list[dict[str, float]] = [{} for _ in range(num_layers)]
+    for record in stats.by_name().values():
+        layer = record["layer"]
+        if layer is None:
+            continue
+        by_layer[layer]["nonzero"] += record["nonzero"]
+        by_layer[layer]["elements"] += record["elements"]
+        by_layer_module[layer][record["placement"]] = record["firing_rate"]
+    overall = stats.overall()
+    return {
+        "firing_rate": overall["firing_rate"],
+        "spikes_per_token": overall["spikes_per_token"],
+        "firing_rate_by_layer": [r["nonzero"] / r["elements"] if r["elements"] else None for r in by_layer],
+        "firing_rate_by_layer_module": by_layer_module,
+        "firing_rate_by_module": {p: d["firing_rate"] for p, d in stats.by_placement().items()},
+    }
+
+
+def energy_figures(report: spiking.EnergyReport) -> dict[str, Any]:
+    """Energy per token of one EnergyReport: total, per op kind (MAC / AC / Mul), per op, per group.
+
+    Every figure is a sum over the report's layers of spiking/energy.py's own counts, so
+    `pj_per_token` is exactly `report.pj_per_token`.
+    """
+    cost = report.cost
+    total = report.total
+    by_op: dict[str, dict[str, float]] = {}
+    spike_driven: set[str] = set()
+    for layer in report.layers:
+        for op, count in layer.ops.items():
+            entry = by_op.setdefault(op, {"mac": 0.0, "ac": 0.0, "mul": 0.0, "pj": 0.0})
+            entry["mac"] += count.mac
+            entry["ac"] += count.ac
+            entry["mul"] += count.mul
+            entry["pj"] += count.energy_pj(cost)
+        for placement in layer.spikes_per_token:  # the linear layers this block feeds with spikes
+            spike_driven.update(op for op in MODULE_OPS[placement] if op in layer.ops and not op.endswith(".neuron"))
+    by_group: dict[str, float] = {}
+    for op, entry in by_op.items():
+        group = "neurons" if op.endswith(".neuron") else OP_GROUPS.get(op, op)
+        by_group[group] = by_group.get(group, 0.0) + entry["pj"]
+    return {
+        "pj_per_token": report.pj_per_token,
+        "counts_per_token": {"mac": total.mac, "ac": total.ac, "mul": total.mul},
+        "pj_by_kind": {"mac": total.mac * cost.mac_pj, "ac": total.ac * cost.ac_pj, "mul": total.mul * cost.mul_pj},
+        "pj_by_group": by_group,
+        "by_op": by_op,
+        "spike_driven_ops": sorted(spike_driven),  # accumulate-only: Σ|s|·n_out ACs
+        "neuron_ops": sorted(op for op in by_op if op.endswith(".neuron")),
+        "dense_ops": sorted(op for op in by_op if op not in spike_driven and not op.endswith(".neuron")),
+        "tokens": report.tokens,
+    }
+
+
+@torch.no_grad()
+def measure_energy(model, held_out: torch.Tensor) -> dict[str, Any]:
+    """Firing rates and energy per token of `model` on held-out blocks `held_out` [B, L]."""
+    model.eval()
+    if not any(True for _ in spiking.iter_neurons(model)):  # dense: no forward needed
+        return {"firing_rate": None, "energy": energy_figures(spiking.estimate_energy(model, held_out))}
+    with spiking.count_spikes(model) as stats:
+        model(input_ids=held_out)
+    report = spiking.estimate_energy(model, held_out, stats=stats)
+    return {**firing_rates(stats, len(model.backbone.layers)), "energy": energy_figures(report)}
+
+
+def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: Config, seed: int) -> dict[str, dict[str, float]]:
+    """lm-eval zero-shot results of the in-memory `model`: task -> {metric: value} (stderr left out)."""
+    lm = HFLM(
+        pretrained=model, tokenizer=tokenizer, backend="causal",
+        max_length=cfg.lm_eval_max_length, batch_size=cfg.lm_eval_batch_size,
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(task_names), task_manager=task_manager, limit=cfg.lm_eval_limit,
+        log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+    results: dict[str, dict[str, float]] = {}
+    for task, values in out["results"].items():
+        results[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key
+            and key.split(",")[0] not in ("sample_len",)
+        }
+    return results
+
+
+def lm_eval_headline(results: dict[str, dict[str, float]], task_names: list[str]) -> dict[str, float | None]:
+    """Task -> the metric the Mamba paper reports for it (acc_norm for HellaSwag / ARC-c, else acc)."""
+    headline = {}
+    for task in task_names:
+        metrics = results.get(task, {})
+        metric = LM_EVAL_METRIC.get(task, "acc")
+        headline[task] = metrics.get(metric, metrics.get("acc"))
+    return headline
+
+
+def build_task_manager(cfg: Config):
+    """lm-eval's TaskManager with the recipe's include path; every listed task must be known to it."""
+    if lm_eval is None:
+        raise ImportError(
+            f"stages.eval.lm_eval lists {cfg.lm_eval} but lm-eval is not installed: pip install 'spikerl[eval]' "
+            "(or set stages.eval.lm_eval: [])"
+        )
+    include = None
+    if cfg.lm_eval_include_path is not None:
+        include = Path(cfg.lm_eval_include_path)
+        if not include.is_dir():
+            raise ValueError(f"stages.eval.lm_eval_include_path: {include} is not a folder (from {Path.cwd()})")
+        include = str(include.resolve())
+    manager = TaskManager(include_path=include)
+    unknown = [name for name in cfg.lm_eval if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"stages.eval.lm_eval: unknown lm-eval task {unknown[0]!r}"
+            + (f" (not in lm-eval nor in {include})" if include else " (a local task needs stages.eval.lm_eval_include_path)")
+        )
+    return manager
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured (the report states it)."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def find_models(cfg: Config, ctx: StageContext) -> tuple[dict[str, Path], dict[str, str]]:
+    """(stage -> model folder to evaluate, stage -> why it is missing), in pipeline order."""
+    found, missing = {}, {}
+    for name in cfg.models:
+        folder = ctx.run_dir / name
+        if name not in ctx.upstream:
+            missing[name] = "not in this run's recipe" + (" (its folder is from another recipe: not used)" if folder.is_dir() else "")
+        elif not (ctx.upstream[name] / "manifest.json").is_file():
+            missing[name] = "not finished (no manifest)"
+        elif not (ctx.upstream[name] / "config.json").is_file():
+            missing[name] = "no full model in its folder (e.g. an RL LoRA adapter saved with merge: false)"
+        else:
+            found[name] = ctx.upstream[name]
+    return found, missing
+
+
+def load_model(name: str, folder: Path, ctx: StageContext):
+    """The teacher in the project's mixer (dense), or a student as deployed (SGC off, spikes on)."""
+    if name == "teacher":
+        return load_compute_teacher(folder, ctx)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    spiking.set_sgc_lambda(model, 0.0)
+    if hasattr(model.config, "spiking"):
+        model.config.spiking = True
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model.eval()
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    data_dir = ctx.need("data")
+    if not ctx.is_main_process:
+        return {}  # evaluation trains nothing: rank 0 measures, the others wait at the runner's barrier
+    found, missing = find_models(cfg, ctx)
+    if not found:
+        raise ValueError(f"stages.eval.models: none of {cfg.models} is finished in {ctx.run_dir} ({missing})")
+    task_manager = build_task_manager(cfg) if cfg.lm_eval else None  # fails before any model is loaded
+    corpus, prompts = load_from_disk(str(data_dir / "corpus")), load_from_disk(str(data_dir / "prompts"))
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    test_prompts = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
+    blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
+    if len(test_prompts) == 0 or len(blocks) == 0:
+        raise ValueError(f"stages.eval: {data_dir} has no held-out prompts or corpus blocks to evaluate on")
+    budget = cfg.max_new_tokens or tasks.answer_token_budget(tokenizer, test_prompts["answer"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    held_out = torch.tensor(blocks["input_ids"], device=device)  # [eval_blocks, L]: the same tokens for every model
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, folder in found.items():
+        started = time.perf_counter()
+        model = load_model(name, folder, ctx)
+        check_vocab(model, tokenizer, f"stages.eval: model {folder}")
+        completions = tasks.generate_completions(model, tokenizer, test_prompts["prompt"], budget, cfg.eval_batch_size)
+        entry: dict[str, Any] = {
+            "status": "evaluated",
+            "folder": name,
+            "spiking": any(True for _ in spiking.iter_neurons(model)),
+            "params": sum(p.numel() for p in model.parameters()),
+            "accuracy": task_scores(completions, test_prompts, cfg.tasks),
+            "examples": [list(x) for x in zip(test_prompts["prompt"][:5], completions[:5], test_prompts["answer"][:5])],
+            "perplexity": tasks.perplexity(model, blocks, cfg.eval_batch_size),
+        }
+        if cfg.energy:
+            entry.update(measure_energy(model, held_out))
+        if task_manager is not None:
+            entry["lm_eval"] = lm_eval_scores(model, tokenizer, cfg.lm_eval, task_manager, cfg, ctx.seed)
+            entry["lm_eval_headline"] = lm_eval_headline(entry["lm_eval"], cfg.lm_eval)
+            values = [v for v in entry["lm_eval_headline"].values() if v is not None]
+            entry["lm_eval_average"] = sum(values) / len(values) if len(values) == len(cfg.lm_eval) else None
+        entry["eval_s"] = round(time.perf_counter() - started, 2)
+        results[name] = entry
+        ctx.logger.info(
+            "eval: %-8s accuracy %s, ppl %.3f%s", name, entry["accuracy"], entry["perplexity"],
+            f", {entry['energy']['pj_per_token']:.4g} pJ/token" if cfg.energy else "",
+        )
+        del model
+    for name in missing:
+        results[name] = {"status": "missing", "reason": missing[name]}
+        ctx.logger.info("eval: %-8s missing (%s)", name, missing[name])
+
+    teacher = results.get("teacher", {})
+    teacher_pj = teacher.get("energy", {}).get("pj_per_token")
+    teacher_avg = teacher.get("lm_eval_average")
+    for entry in results.values():
+        if entry["status"] != "evaluated":
+            continue
+        if cfg.energy:
+            # E_teacher / E_model on the same held-out tokens; None without an evaluated teacher
+            entry["energy"]["ratio_to_teacher"] = teacher_pj / entry["energy"]["pj_per_token"] if teacher_pj else None
+        if task_manager is not None:
+            # the paper's "zero-shot gap": teacher average minus this model's, in points
+            average = entry["lm_eval_average"]
+            entry["lm_eval_gap_to_teacher"] = (
+                100 * (teacher_avg - average) if teacher_avg is not None and average is not None else None
+            )
+
+    metrics_file = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": machine(),
+        "cost_table": spiking.HOROWITZ_45NM.describe() if cfg.energy else None,
+        "memory_note": spiking.energy.MEMORY_NOTE,
+        "tasks": list(cfg.tasks),
+        "eval_samples": len(test_prompts),
+        "max_new_tokens": budget,
+        "held_out_tokens": {"blocks": len(blocks), "tokens": int(held_out.numel()), "source": "data/corpus test split"},
+        "lm_eval": {
+            "tasks": list(cfg.lm_eval), "include_path": cfg.lm_eval_include_path, "limit": cfg.lm_eval_limit,
+            "version": getattr(lm_eval, "__version__", None) if cfg.lm_eval else None,
+        },
+        "stages": {name: results[name] for name in MODEL_STAGES if name in results},
+    }
+    if ctx.is_main_process:
+        (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics_file, indent=1))
+        if cfg.report:
+            from stages.report import build_report  # here: the report module needs only files
+
+            folder = build_report(ctx.run_dir, ctx.out_dir / "report", logger=ctx.logger)
+            ctx.logger.info("eval: report in %s", folder / "report.md")
+    return headline_metrics(metrics_file)
+
+
+def headline_metrics(metrics_file: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's metrics: per stage accuracy, perplexity, firing rate, energy, ratio, params."""
+    out: dict[str, Any] = {}
+    for name, entry in metrics_file["stages"].items():
+        if entry["status"] != "evaluated":
+            out[f"{name}/status"] = "missing"
+            continue
+        first_task = next(iter(entry["accuracy"]))
+        out[f"{name}/accuracy"] = entry["accuracy"][first_task]
+        out[f"{name}/ppl"] = entry["perplexity"]
+        if "energy" in entry:
+            out[f"{name}/firing_rate"] = entry["firing_rate"]
+            out[f"{name}/energy_pj_per_token"] = entry["energy"]["pj_per_token"]
+            out[f"{name}/energy_ratio"] = entry["energy"]["ratio_to_teacher"]
+        out[f"{name}/params"] = entry["params"]
+        for task, value in (entry.get("lm_eval_headline") or {}).items():
+            out[f"{name}/lm_eval/{task}"] = value
+    return out
