@@ -29,6 +29,7 @@ import platform
 import socket
 import subprocess
 import time
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -163,6 +164,46 @@ def list_outputs(stage_dir: Path) -> dict[str, int]:
             continue
         outputs[str(rel)] = path.stat().st_size
     return outputs
+
+
+def check_output_file(path: Path, expected_bytes: int | None = None) -> str | None:
+    """What is wrong with a saved file, in words, or None if it looks whole.
+
+    Cheap checks that catch a truncated or overwritten file without reading it all: the size the
+    manifest recorded, the safetensors header (its tensors must end exactly at the end of the
+    file) and, for torch.save files (.pt / .pth / .bin: zip archives), the zip directory at the end.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if expected_bytes is not None and size != expected_bytes:
+        return f"has {size} bytes, but {expected_bytes} were written"
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path, size)
+    if path.suffix in (".pt", ".pth", ".bin") and size > 0 and not zipfile.is_zipfile(path):
+        return "is not a complete torch.save archive (truncated?)"
+    return None
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"is truncated ({size} bytes, not even a safetensors header)"
+            header_len = int.from_bytes(head, "little")
+            if header_len > size - 8:
+                return f"is truncated ({size} bytes, its header alone says {header_len + 8})"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as err:
+        return f"has an unreadable safetensors header ({err})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        return f"is truncated or padded ({size} bytes, its header says {expected})"
+    return None
 
 
 def now() -> str:

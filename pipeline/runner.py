@@ -19,10 +19,21 @@ For each stage of the recipe, in pipeline order (data -> teacher -> distill -> s
                checkpoint of another config is never resumed.
 * pending      no folder yet -> runs.
 
-`--from S` forces S and everything after it; `--until S` stops after S; `--only S` runs S alone
-and refuses unless every stage before it is done. The whole recipe is validated (by
-`load_recipe`) before the run folder is touched, and the run folder is locked (`.lock`) while a
-run writes it.
+`--from S` forces S and everything after it (from scratch: an interrupted attempt of S is wiped,
+not resumed); `--until S` stops after S; `--only S` runs S alone and refuses unless every stage
+before it is done. The whole recipe is validated (by `load_recipe`) before the run folder is
+touched, and the run folder is locked (`.lock`) while a run writes it.
+
+Preflight, also before the run folder is touched (`preflight`): each stage about to run is asked
+for its own cheap checks (`def preflight(cfg, ctx)` in its module, optional: input files,
+columns, tokenizer / teacher vocabulary); the outputs of finished stages that it will read are
+checked against their manifests (sizes, safetensors headers), and so is the checkpoint an
+interrupted stage would resume from. A problem is a UserError naming the file or field, and the
+run folder stays as it was.
+
+Every stage also gets `StopOnNonFiniteLoss` (stages/teacher.py) in `ctx.extra["callbacks"]`: a
+Trainer whose loss turns nan stops at that step, before the optimizer step, keeping the last
+good checkpoint.
 
 Distributed (`accelerate launch` / `torchrun`): every rank runs every stage function (training
 stages need all ranks); rank 0 alone takes the lock, decides the plan and sends it to the others,
@@ -47,6 +58,7 @@ from pipeline import UserError
 from pipeline.manifest import (
     ATTEMPT,
     RunLock,
+    check_output_file,
     code_version,
     fingerprint,
     git_commit,
@@ -160,6 +172,7 @@ class Step:
     name: str
     run: bool
     reason: str  # "done", "forced by --from teacher", "stale: ...", ...
+    fresh: bool = False  # forced by --from: start from scratch even if an interrupted attempt could resume
 
 
 def make_plan(
@@ -188,7 +201,7 @@ def make_plan(
     for i, name in enumerate(names[: last + 1]):
         state = states[name]
         if i >= first_forced:
-            step = Step(name, True, f"forced by --from {from_stage}")
+            step = Step(name, True, f"forced by --from {from_stage}", fresh=True)
         elif upstream_runs:
             step = Step(name, True, "an upstream stage re-runs")
         elif state.state != "done":
@@ -239,7 +252,8 @@ def run_recipe(
         plan, error = None, None
         if dist.is_main_process:
             try:
-                make_plan(recipe, inspect_run(recipe), from_stage, only, until)  # refuse before writing anything
+                states = inspect_run(recipe)
+                preflight(recipe, states, make_plan(recipe, states, from_stage, only, until))  # refuse before writing anything
                 run_dir.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
                 plan = make_plan(recipe, inspect_run(recipe), from_stage, only, until)  # again, under the lock
@@ -266,7 +280,7 @@ def run_recipe(
                     actions[step.name] = "skipped"
                     continue
                 log.info("%s: running (%s)", step.name, step.reason)
-                _run_stage(recipe, step.name, fingerprints)
+                _run_stage(recipe, step.name, fingerprints, fresh=step.fresh)
                 actions[step.name] = "ran"
             log.info("run %s finished: %s", recipe.run.name, ", ".join(f"{k} {v}" for k, v in actions.items()))
         finally:
@@ -274,7 +288,7 @@ def run_recipe(
     return actions
 
 
-def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> None:
+def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: bool = False) -> None:
     """Prepare the folder, run the stage on every rank, then (rank 0) write the manifest last."""
     dist = distributed_state()
     run_dir = recipe.run_dir
@@ -287,7 +301,7 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> None:
 
     dist.wait_for_everyone()
     if dist.is_main_process:
-        _prepare_stage_dir(stage_dir, attempt)
+        _prepare_stage_dir(stage_dir, attempt, fresh)
     dist.wait_for_everyone()  # nobody reads the folder before rank 0 has wiped or kept it
 
     ctx = StageContext(
@@ -299,7 +313,11 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> None:
         seed=recipe.run.seed,
         is_main_process=dist.is_main_process,
         logger=logging.getLogger(f"spikerl.{name}"),
-        extra={"process_index": dist.process_index, "num_processes": dist.num_processes},
+        extra={
+            "process_index": dist.process_index,
+            "num_processes": dist.num_processes,
+            "callbacks": _guard_callbacks(name),
+        },
     )
     resume_from = ctx.last_checkpoint()
     if resume_from is not None:
@@ -343,14 +361,18 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str]) -> None:
     log.info("%s: done in %.1f s, peak RSS %.0f MB, metrics %s", name, wall_s, _peak_rss_mb(), _short(metrics))
 
 
-def _prepare_stage_dir(stage_dir: Path, attempt: dict[str, Any]) -> None:
-    """Keep the folder only when it holds checkpoints of this very attempt; else start clean."""
+def _prepare_stage_dir(stage_dir: Path, attempt: dict[str, Any], fresh: bool = False) -> None:
+    """Keep the folder only when it holds checkpoints of this very attempt (and the stage is not
+    forced to start afresh); else start clean."""
     if read_manifest(stage_dir) is not None:
         # A finished (stale or forced) stage: its last checkpoint is the end of training, and
         # resuming from it would train nothing. Delete the manifest first, so a crash while
         # wiping never leaves a manifest over half-deleted outputs.
         (stage_dir / "manifest.json").unlink()
         log.info("%s: removing the previous outputs", stage_dir.name)
+        shutil.rmtree(stage_dir)
+    elif stage_dir.is_dir() and fresh:
+        log.info("%s: forced: wiping the interrupted attempt in %s instead of resuming it", stage_dir.name, stage_dir)
         shutil.rmtree(stage_dir)
     elif stage_dir.is_dir() and read_json(stage_dir / ATTEMPT) != attempt:
         log.warning(
@@ -360,6 +382,98 @@ def _prepare_stage_dir(stage_dir: Path, attempt: dict[str, Any]) -> None:
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage_dir / ATTEMPT, attempt)
+
+
+# --------------------------------------------------------------------------------------------
+# Preflight: every check that needs no training, before the run folder is touched
+
+
+def preflight(recipe: Recipe, states: dict[str, StageState], plan: list[Step]) -> None:
+    """Refuse (UserError naming the file or field) what would fail later, before anything is written.
+
+    * each stage that runs: its module's optional `preflight(cfg, ctx)` (input files, columns,
+      tokenizer / teacher vocabulary ...), which raises ValueError / OSError;
+    * each finished stage before the last one that runs (its outputs will be read): every file
+      its manifest lists has the recorded size, and safetensors / torch.save files are whole;
+    * each interrupted stage that will resume: the checkpoint it resumes from is whole.
+    """
+    names = list(recipe.stages)
+    running = [step for step in plan if step.run]
+    if not running:
+        return
+    last = names.index(running[-1].name)
+    problems: list[str] = []
+    for name in names[:last]:
+        if states[name].state == "done" and name not in {step.name for step in running}:
+            problems += _damaged_outputs(recipe, name, states[name].manifest or {})
+
+    upstream_runs = False
+    for step in running:
+        ctx = _context(recipe, step.name)
+        check = getattr(recipe.modules[step.name], "preflight", None)
+        if check is not None:
+            try:
+                check(recipe.stages[step.name], ctx)
+            except (ValueError, OSError) as err:
+                problems.append(f"{recipe.path}: {err}")
+        resumes = states[step.name].why == "no manifest; resumes" and not step.fresh and not upstream_runs
+        if resumes:
+            problems += _damaged_checkpoint(recipe, step.name, ctx)
+        upstream_runs = True
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+def _context(recipe: Recipe, name: str) -> StageContext:
+    """The context the stage will get (for preflight: folders may not exist yet)."""
+    names = list(recipe.stages)
+    return StageContext(
+        stage=name,
+        run_dir=recipe.run_dir,
+        out_dir=recipe.run_dir / name,
+        upstream={up: recipe.run_dir / up for up in names[: names.index(name)]},
+        model=recipe.model,
+        seed=recipe.run.seed,
+        logger=logging.getLogger(f"spikerl.{name}"),
+    )
+
+
+def _damaged_outputs(recipe: Recipe, name: str, manifest: dict[str, Any]) -> list[str]:
+    """A finished stage's outputs, checked against the sizes its manifest recorded."""
+    problems = []
+    for rel, size in (manifest.get("outputs") or {}).items():
+        path = recipe.run_dir / name / rel
+        problem = check_output_file(path, size if isinstance(size, int) else None)
+        if problem is not None:
+            problems.append(
+                f"{path} {problem}: the output of the finished stage '{name}' is damaged; "
+                f"re-run with `spikerl run {recipe.path} --from {name}`"
+            )
+    return problems
+
+
+def _damaged_checkpoint(recipe: Recipe, name: str, ctx: StageContext) -> list[str]:
+    """The checkpoint an interrupted stage would resume from: every weight / state file whole."""
+    checkpoint = ctx.last_checkpoint()
+    if checkpoint is None:
+        return []
+    problems = []
+    for path in sorted(checkpoint.iterdir()):
+        problem = check_output_file(path) if path.is_file() else None
+        if problem is not None:
+            problems.append(
+                f"{path} {problem}: the checkpoint stage '{name}' would resume from is damaged; "
+                f"re-run with `spikerl run {recipe.path} --from {name}` to restart the stage, or delete "
+                f"{checkpoint} to resume from the checkpoint before it"
+            )
+    return problems
+
+
+def _guard_callbacks(name: str) -> list[Any]:
+    """TrainerCallbacks every stage's trainer gets (stages pass ctx.extra["callbacks"] on)."""
+    from stages.teacher import StopOnNonFiniteLoss  # imports transformers: only when a stage runs
+
+    return [StopOnNonFiniteLoss(name)]
 
 
 # --------------------------------------------------------------------------------------------

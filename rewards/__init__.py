@@ -14,6 +14,9 @@ A recipe lists rewards with weights (TRL's `reward_weights`), in any of these fo
     rewards: [{format: {weight: 0.5, pattern: "^\\\\d+$"}}]      # arguments for the factory
     rewards: [my_package.my_rewards.brevity]                   # a dotted path to your own function
 
+Names, weights and factory arguments are checked, and dotted paths imported, when the recipe is
+loaded (`parse_spec`, called by the rl stage's Config), so a mistake fails before any stage runs.
+
 Each function is wrapped by `checked`: a reward that raises, or returns the wrong number of
 values or a non-number, fails with an error naming it.
 """
@@ -21,6 +24,7 @@ values or a non-number, fails with an error naming it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -156,6 +160,13 @@ def parse_spec(spec: str | Mapping | Sequence) -> list[tuple[str, float, dict[st
             raise ValueError(f"rewards.{name}: unknown reward (known: {', '.join(known_names())}; or a dotted path module.function)")
         if arguments and name not in FACTORIES and name not in NEEDS_POLICY:
             raise ValueError(f"rewards.{name}: takes no arguments (got {sorted(arguments)}); only a weight")
+        if arguments and name in FACTORIES:  # caught with the recipe, not at the rl stage's first step
+            try:
+                inspect.signature(FACTORIES[name]).bind(**arguments)
+            except TypeError as error:
+                raise ValueError(f"rewards.{name}: bad arguments {sorted(arguments)}: {error}") from None
+        if "." in name and name not in REWARDS:
+            load_dotted(name)  # a user's own reward: importable now, so a typo fails before any stage runs
     return parsed
 
 

@@ -388,18 +388,55 @@ def _format_from_extension(path: str) -> str | None:
     return suffixes.get(Path(path).suffix.lower())
 
 
-def _load_files(source: FilesSource) -> Dataset:
+def _check_files(source: FilesSource, where: str = "source") -> str:
+    """The files exist, hold bytes and have a known format; returns the `datasets` builder name."""
     if not source.files:
-        raise ValueError("source.files is empty: list at least one file")
+        raise ValueError(f"{where}.files is empty: list at least one file")
     missing = [f for f in source.files if not Path(f).is_file()]
     if missing:
-        raise ValueError(f"source.files: file not found: {', '.join(missing)}")
+        raise ValueError(f"{where}.files: file not found: {', '.join(missing)}")
     fmt = source.format or _format_from_extension(source.files[0])
     if fmt is None:
-        raise ValueError(f"source.files: cannot tell the format of {source.files[0]}; set source.format")
+        raise ValueError(f"{where}.files: cannot tell the format of {source.files[0]}; set {where}.format")
     if all(Path(f).stat().st_size == 0 for f in source.files):
-        raise ValueError(f"source.files: the dataset is empty ({', '.join(source.files)} hold no bytes)")
-    builder = "json" if fmt == "jsonl" else fmt
+        raise ValueError(f"{where}.files: the dataset is empty ({', '.join(source.files)} hold no bytes)")
+    return "json" if fmt == "jsonl" else fmt
+
+
+def _peek_files(source: FilesSource, where: str) -> None:
+    """Read the first example only (streaming: nothing cached): parseable, not empty, right columns."""
+    builder = _check_files(source, where)
+    files = ", ".join(source.files)
+    try:
+        streamed = load_dataset(builder, data_files=[str(Path(f).resolve()) for f in source.files], split="train", streaming=True)
+        first = next(iter(streamed))
+    except StopIteration:
+        raise ValueError(f"{where}.files: the dataset is empty ({files} hold no examples)") from None
+    except Exception as error:  # parse errors arrive wrapped: name the files and the cause
+        cause = error.__cause__ or error
+        raise ValueError(f"{where}.files: cannot read {files} as {source.format or builder}: {cause}") from error
+    for role in ("text", "prompt", "answer"):
+        column = getattr(source, f"{role}_column")
+        if column is not None and column not in first:
+            raise ValueError(f"{where}.{role}_column: no column '{column}' in {files}; columns: {sorted(first)}")
+
+
+def preflight(cfg: Config, ctx: StageContext) -> None:
+    """Checks the runner makes before the run folder is touched: local files readable, not empty,
+    with the named columns; the recipe's tokenizer loads. (Hub sources are left to the stage.)"""
+    for field, source in (("source", cfg.source), ("prompt_source", cfg.prompt_source)):
+        if isinstance(source, FilesSource):
+            _peek_files(source, f"stages.data.{field}")
+    if ctx.model.tokenizer is not None:
+        try:
+            AutoTokenizer.from_pretrained(ctx.model.tokenizer, trust_remote_code=ctx.model.trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model.tokenizer: cannot load '{ctx.model.tokenizer}' ({error})") from error
+
+
+def _load_files(source: FilesSource) -> Dataset:
+    builder = _check_files(source)
+    fmt = source.format or _format_from_extension(source.files[0])
     try:
         return load_dataset(builder, data_files=[str(Path(f).resolve()) for f in source.files], split="train")
     except Exception as error:  # datasets wraps parse errors in DatasetGenerationError: name the files

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ import torch
 from datasets import load_from_disk
 from pydantic import Field, field_validator
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     MambaConfig,
@@ -251,6 +253,64 @@ class JsonLogCallback(TrainerCallback):
             tmp.replace(self.path)
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a nan / inf loss; the message names the stage, the step and the last good checkpoint."""
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops training at the first step whose loss is nan or inf, before the optimizer applies it.
+
+    HF Trainer by default hides such steps from the logged loss (`logging_nan_inf_filter`) and goes
+    on training on nan weights. A nan / inf loss makes its gradients non-finite, and the gradients
+    are what this callback can see on every step (`on_pre_optimizer_step`, after backward, before
+    `optimizer.step`): so the weights never take the bad step and the checkpoints on disk (all
+    from earlier steps) stay good. A logged loss that is not finite (a trainer without gradients
+    on `.grad`, e.g. DeepSpeed) stops the run too. The runner gives it to every stage through
+    `ctx.extra["callbacks"]`; the error says which checkpoint a re-run resumes from.
+    """
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if not bool(finite.all()):
+            has_nan = any(bool(torch.isnan(g).any()) for g in grads)
+            self._stop(args, state.global_step + 1, "nan" if has_nan else "inf", "its gradients are not finite")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            self._stop(args, state.global_step, str(loss), "the logged loss")
+
+    def _stop(self, args, step: int, value: str, evidence: str) -> None:
+        good = _last_complete_checkpoint(Path(args.output_dir))
+        kept = f"the last good checkpoint {good} is kept and a re-run resumes from it" if good else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"{self.stage}: step {step}: loss is {value} ({evidence}); stopped before the optimizer step; {kept}. "
+            f"Lower stages.{self.stage}.lr (or the trl learning_rate), or clip gradients (trainer.max_grad_norm)"
+        )
+
+
+def _last_complete_checkpoint(folder: Path) -> Path | None:
+    """Newest checkpoint-N/ with a readable trainer_state.json (HF Trainer writes it last)."""
+    found = sorted(
+        (int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+    )
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def warn_if_checkpoint_disagrees(checkpoint: Path, args: TrainingArguments, ctx: StageContext) -> None:
     """Say out loud when the recipe changed since the checkpoint was written (the run goes on)."""
     state_file = Path(checkpoint) / "trainer_state.json"
@@ -282,21 +342,95 @@ def train_causal_lm(model, tokenizer, corpus, cfg: Config, ctx: StageContext) ->
     if resume is not None:
         ctx.logger.info("%s: resuming from %s", ctx.stage, resume)
         warn_if_checkpoint_disagrees(resume, args, ctx)
+    finished = finished_training(resume, args.max_steps)
+    if finished is not None:  # killed after the last checkpoint, before the outputs were written
+        ctx.logger.info("%s: %s already holds all %d steps: loading it instead of training", ctx.stage, resume, args.max_steps)
+        load_checkpoint_weights(trainer.model, resume)
+        trainer.save_model(str(ctx.out_dir))
+        return finished
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
     return {"train_loss": result.training_loss, "steps": result.global_step}
 
 
+def finished_training(checkpoint: Path | None, max_steps: int) -> dict[str, Any] | None:
+    """{train_loss, steps} if `checkpoint` already reached max_steps, else None.
+
+    HF Trainer resumed from such a checkpoint still takes at least one more optimizer step (it
+    checks the step budget only after a step), so a stage killed between its last checkpoint and
+    its manifest would end with max_steps + 1 steps and other weights than an uninterrupted run.
+    Stages call this first and, when it answers, load the checkpoint's weights instead of training.
+    train_loss is then the mean of the logged losses (the checkpoint does not hold Trainer's exact average).
+    """
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    if state.get("global_step", 0) < max_steps:
+        return None
+    losses = [entry["loss"] for entry in state.get("log_history", []) if isinstance(entry.get("loss"), (int, float))]
+    return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "steps": state["global_step"]}
+
+
+def load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """Load a Trainer checkpoint's model weights (one safetensors file or an index of shards) into `model`."""
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "model.safetensors").is_file():
+        missing, unexpected = model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | {"lm_head.weight"}
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"{checkpoint}/model.safetensors does not fit the model: missing {missing}, unexpected {unexpected}")
+    else:
+        load_sharded_checkpoint(model, str(checkpoint), strict=False)
+
+
 # ---------------------------------------------------------------------------------------- stage
 
 
-def run(cfg: Config, ctx: StageContext) -> dict:
+def check_source(ctx: StageContext) -> None:
     source = ctx.model.teacher
     if (source.pretrained is None) == (source.train_from_scratch is None):
         raise ValueError(
             "model.teacher: set exactly one of `pretrained` (hub id or folder) or `train_from_scratch` "
             f"(an architecture); got {'both' if source.pretrained else 'neither'}"
         )
+
+
+def preflight(cfg: Config, ctx: StageContext) -> None:
+    """Checks the runner makes before the run folder is touched: one teacher source; a pretrained
+    teacher's config loads (without remote code unless model.trust_remote_code) and has an
+    embedding row for every token of the tokenizer the data stage uses."""
+    check_source(ctx)
+    name = ctx.model.teacher.pretrained
+    if name is None:
+        return
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=ctx.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"model.teacher.pretrained: cannot load '{name}' ({error})") from error
+    saved = ctx.upstream.get("data", ctx.run_dir / "data") / "tokenizer"
+    if saved.is_dir():  # the data stage already ran: its tokenizer is the one training will use
+        field, tokenizer_name = f"the data stage's tokenizer {saved}", str(saved)
+    else:  # the data stage will take model.tokenizer, else the teacher's own
+        tokenizer_name = ctx.model.tokenizer or name
+        field = f"model.tokenizer ({tokenizer_name})" if ctx.model.tokenizer else f"the tokenizer of {name}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=ctx.model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{field}: cannot load a tokenizer ({error})") from error
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and vocab < len(tokenizer):
+        raise ValueError(
+            f"{field} has {len(tokenizer)} tokens but model.teacher.pretrained ({name}) has vocab_size {vocab}: "
+            "the tokenizer does not belong to this teacher"
+        )
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    check_source(ctx)
+    source = ctx.model.teacher
     data_dir = ctx.need("data")
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     corpus = load_from_disk(str(data_dir / "corpus"))
