@@ -10,8 +10,8 @@ Without CUDA (no Triton kernel can run outside the ~1000x slower interpreter), t
   * the reference scan's fwd+bwd time vs length (it should scale linearly: time per token flat),
   * the unfused PyTorch gate + neuron, for scale.
 
-    python benchmarks/kernels.py                          # CPU part here; GPU part too with CUDA
-    python benchmarks/kernels.py --cpu-dim 256 --threads 2 --reps 3
+    python benchmarks/kernel_speed.py                          # CPU part here; GPU part too with CUDA
+    python benchmarks/kernel_speed.py --cpu-dim 256 --threads 2 --reps 3
 
 Prints tables and writes benchmarks/results/kernels.json. Figures are ratios within one run on one
 machine; never compare absolute seconds across machines.

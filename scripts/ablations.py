@@ -37,11 +37,14 @@ ROWS: dict[str, dict[str, list[str]]] = {
     "sparsify": {
         "binary spikes (SI-LIF D=1), forward KL, post-norm": [
             "stages.sparsify.modules={in_proj: {kind: si_lif, D: 1}, out_proj: {kind: si_lif, D: 1}}",
-            "stages.sparsify.sbds={alpha: 1.0, beta: 0.0, gamma: 1.0, features: post_norm}",
+            "stages.sparsify.sbds={alpha: 1.0, beta: 0.0, gamma: 1.0, ce: 1.0, features: post_norm}",
         ],
-        "+ ATMN T=4": [f"stages.sparsify.modules={ATMN}", "stages.sparsify.sbds={alpha: 1.0, beta: 0.0, gamma: 1.0, features: post_norm}"],
-        "+ reverse KL (alpha 0.2, beta 0.7)": [f"stages.sparsify.modules={ATMN}", "stages.sparsify.sbds={alpha: 0.2, beta: 0.7, gamma: 1.0, features: post_norm}"],
+        "+ ATMN T=4": [f"stages.sparsify.modules={ATMN}", "stages.sparsify.sbds={alpha: 1.0, beta: 0.0, gamma: 1.0, ce: 1.0, features: post_norm}"],
+        "+ reverse KL (alpha 0.2, beta 0.7)": [f"stages.sparsify.modules={ATMN}", "stages.sparsify.sbds={alpha: 0.2, beta: 0.7, gamma: 1.0, ce: 1.0, features: post_norm}"],
         "+ pre-norm features (the recipe)": [],
+        "the recipe, thresholds calibrated (not inherited)": ["stages.sparsify.threshold_init=calibrate"],
+        "the recipe, no CE term (pure SBDS)": ["stages.sparsify.sbds.ce=0"],
+        "the recipe, neither (pure SBDS, calibrated)": ["stages.sparsify.sbds.ce=0", "stages.sparsify.threshold_init=calibrate"],
     },
     "rl": {
         "GRPO (the recipe)": [],

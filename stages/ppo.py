@@ -18,8 +18,10 @@ One PPO step (methods.md §9, the classic RLHF recipe):
 5. `ppo_epochs` passes over shuffled mini-batches of the rollouts:
        L_pg = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)),   ρ_t = exp(log π - log π_old)
        L_vf = ½ mean_t max((V_t - R_t)², (V_old + clip(V_t - V_old, ±ε_v) - R_t)²)
-       L = L_pg + vf_coef · L_vf
-   Means are over completion tokens of the mini-batch.
+       L = L_pg + vf_coef · L_vf + w_spike · rate
+   Means are over completion tokens of the mini-batch. `rate` (only with `spike_rate_weight` w_spike
+   > 0, the rl stage's `{spike_energy: w}`): the policy's spikes per neuron channel per step on
+   those tokens, differentiable (rewards/energy.py `SpikeRateRegulariser`).
 
 Value function: a linear head on the policy's final hidden states (`value_model: head`, shares
 the trunk, so the value loss also shapes it: keep vf_coef small) or a separate copy of the
@@ -50,7 +52,9 @@ from accelerate import Accelerator
 from pydantic import Field
 from safetensors.torch import load_model, save_model
 from transformers import TrainerCallback, TrainerControl, TrainerState
+from transformers.trainer_pt_utils import safe_globals
 
+from rewards.energy import SpikeRateRegulariser
 from stages.context import StrictModel
 
 
@@ -194,7 +198,8 @@ class PPOTrainer:
     policy: causal LM (HF API, `generate`), trained; ref_model: frozen causal LM or None (kl_coef 0);
     reward_funcs / reward_weights: as GRPO's; train_dataset: a `datasets.Dataset` with a `prompt`
     column (other columns reach the rewards as keyword arguments); output_dir: checkpoints go to
-    `output_dir/checkpoint-N/`; callbacks: `transformers.TrainerCallback`s, called on_step_end / on_log / on_save.
+    `output_dir/checkpoint-N/`; callbacks: `transformers.TrainerCallback`s, called on_step_end / on_log / on_save;
+    spike_rate_weight: > 0 adds that weight × the completion tokens' spike rate to the loss.
     """
 
     def __init__(
@@ -211,6 +216,7 @@ class PPOTrainer:
         value_backbone: torch.nn.Module | None = None,
         callbacks: Sequence[TrainerCallback] = (),
         logger=None,
+        spike_rate_weight: float = 0.0,
     ):
         if "prompt" not in train_dataset.column_names:
             raise ValueError(f"ppo: the training dataset has no 'prompt' column (columns: {train_dataset.column_names})")
@@ -249,6 +255,8 @@ class PPOTrainer:
         if ref_model is not None and args.kl_coef > 0:
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
         self.state = TrainerState(max_steps=args.max_steps, logging_steps=args.logging_steps, save_steps=args.save_steps)
+        # hooks on the policy's neurons; the value backbone (a separate model) is not penalised
+        self.spike_regulariser = SpikeRateRegulariser(policy, spike_rate_weight) if spike_rate_weight > 0 else None
         self.control = TrainerControl()
 
     # --- data ------------------------------------------------------------------------------
@@ -359,13 +367,22 @@ class PPOTrainer:
             order = torch.randperm(len(ids))
             for start in range(0, len(ids), args.mini_batch_size):
                 pick = order[start : start + args.mini_batch_size].to(ids.device)
-                logits, values = self.module(ids[pick], attn[pick])
+                if self.spike_regulariser is None:
+                    logits, values = self.module(ids[pick], attn[pick])
+                else:
+                    with self.spike_regulariser.recording():
+                        logits, values = self.module(ids[pick], attn[pick])
                 logprobs = completion_logprobs(logits, ids[pick], P, args.temperature)
                 losses = ppo_losses(
                     logprobs, old_logprobs[pick], advantages[pick], values[:, P - 1 : -1].float(),
                     old_values[pick], returns[pick], mask[pick], args.clip_range, args.clip_range_value,
                 )
                 loss = losses["pg_loss"] + args.vf_coef * losses["vf_loss"]
+                if self.spike_regulariser is not None:
+                    # the completion's tokens of [N, P + C]: prompt positions 0, then the completion mask
+                    token_mask = torch.cat([mask.new_zeros(len(pick), P), mask[pick]], dim=1)
+                    losses["spike_rate"] = self.spike_regulariser.rate(token_mask)
+                    loss = loss + self.spike_regulariser.weight * losses["spike_rate"]
                 self.accelerator.backward(loss)
                 self.accelerator.clip_grad_norm_(self.module.parameters(), args.max_grad_norm)
                 self.optimizer.step()
@@ -448,9 +465,12 @@ class PPOTrainer:
         load_model(module.policy, str(folder / "policy.safetensors"), device=str(self.accelerator.device))
         value = torch.nn.ModuleDict({"head": module.value_head, **({"backbone": module.value_backbone} if module.value_backbone is not None else {})})
         load_model(value, str(folder / "value.safetensors"), device=str(self.accelerator.device))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-        rng = torch.load(folder / "rng_state.pth", weights_only=False)
+        # weights_only: a checkpoint folder may come from elsewhere; the RNG state holds numpy
+        # arrays, which transformers' safe_globals allow-lists (as Trainer does for its own)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        with safe_globals():
+            rng = torch.load(folder / "rng_state.pth", weights_only=True)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["cpu"])

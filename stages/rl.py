@@ -6,6 +6,7 @@
       rl:
         algo: grpo                                 # grpo | rloo | dpo (TRL) | ppo (stages/ppo.py)
         rewards: [arith_exact, {spike_energy: 0.05}]   # name or {name: weight}; see rewards/
+        energy_penalty: loss                       # where spike_energy's weight acts: loss | reward | both
         trl: {num_generations: 8, max_completion_length: 8, max_steps: 100}   # any GRPOConfig/RLOOConfig/DPOConfig field
         lora: {r: 8, alpha: 16, merge: true}       # optional PEFT LoRA, merged into the saved model
 
@@ -23,11 +24,20 @@ disabled (TRL's behaviour).
   the best-rewarded, rejected = the worst; prompts whose samples all score the same are skipped.
 * ppo: the project's trainer (stages/ppo.py), configured by the `ppo:` block.
 
+Energy (`{spike_energy: w}` in `rewards`): with `energy_penalty: loss` (default) the weight goes to
+a differentiable spike-rate term added to the policy loss, `w × spikes per neuron channel per step`
+on the completion tokens of the loss's own forward (rewards/energy.py `SpikeRateRegulariser`;
+GRPO / RLOO through a thin subclass overriding the public `compute_loss`, PPO in its own loop).
+The sequence-level `spike_energy` reward is still computed and logged, with weight 0 in the
+advantages. `reward`: the sequence-level reward only (weight w; measured: does not move the
+firing rate); `both`: both with weight w. DPO takes `reward` only (its pairs are ranked by it).
+
 Output `run_dir/rl/`: the final policy (`save_pretrained`; with `lora.merge: false` the adapter
 only) and the tokenizer; checkpoints in `run_dir/rl/checkpoints/` (resume from the newest).
-Metrics: held-out exact-match accuracy and spikes per token / firing rate (on held-out prompt +
-reference answer, the same tokens before and after) before and after, steps, the last logged
-rewards.
+Metrics: held-out exact-match accuracy, spikes per token, firing rate and energy per token (on
+held-out prompt + reference answer, the same tokens before and after; energy with the 45 nm cost
+table, memory access not counted) before and after, the energy ratio to the teacher when the run
+has one, steps, the last logged rewards.
 """
 
 from __future__ import annotations
@@ -45,10 +55,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rewards as rewards_lib
 import spiking
+from rewards.energy import SpikeRateRegulariser
 from stages import tasks
 from stages.context import StageContext, StrictModel
 from stages.ppo import PPOConfig, PPOTrainer
-from stages.teacher import JsonLogCallback, check_vocab
+from stages.teacher import JsonLogCallback, check_vocab, finished_training, load_checkpoint_weights
 
 try:  # PEFT is only needed for the optional LoRA
     import peft
@@ -99,6 +110,11 @@ class Config(StrictModel):
         default_factory=lambda: ["arith_exact"],
         description="reward names with weights: [arith_exact, {spike_energy: 0.05}] (energy weight: fewer spikes vs accuracy)",
     )
+    energy_penalty: Literal["loss", "reward", "both"] = Field(
+        "loss",
+        description="where spike_energy's weight acts: loss = spike-rate term in the policy loss (moves the firing rate; "
+        "the reward is logged only), reward = sequence-level reward only, both",
+    )
     trl: dict[str, Any] = Field(default_factory=dict, description="fields of TRL's GRPOConfig / RLOOConfig / DPOConfig")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="the PPO trainer's settings (algo: ppo)")
     lora: LoraSpec | None = Field(None, description="PEFT LoRA instead of full fine-tuning (None: all weights train)")
@@ -109,11 +125,17 @@ class Config(StrictModel):
     @field_validator("rewards")
     @classmethod
     def _rewards(cls, value):
-        rewards_lib.parse_spec(value)  # names, weights and arguments; dotted paths are imported at run time
+        rewards_lib.parse_spec(value)  # names, weights and arguments; dotted paths are imported here too
         return value
 
     @model_validator(mode="after")
     def _trl_keys(self):
+        has_energy = any(name == "spike_energy" for name, _, _ in rewards_lib.parse_spec(self.rewards))
+        if self.algo == "dpo" and has_energy and self.energy_penalty != "reward":
+            raise ValueError(
+                f"energy_penalty: {self.energy_penalty} needs an online algorithm (grpo, rloo, ppo); with dpo "
+                "set energy_penalty: reward (pairs ranked by the spike_energy reward)"
+            )
         if self.algo == "ppo":
             if self.trl:
                 raise ValueError(f"trl: algo ppo is the project's trainer; set {sorted(self.trl)} under stages.rl.ppo")
@@ -173,38 +195,131 @@ def apply_lora(model, lora: LoraSpec):
         raise ValueError(f"stages.rl.lora.target_modules: {error}") from error
 
 
+# ----------------------------------------------------------------------------- the energy term in TRL's loss
+
+
+class SpikeRateLoss:
+    """For TRL's GRPO / RLOO trainers: their loss + `w × spike rate` of the completion tokens.
+
+    Overrides only the public `compute_loss` (and `log`, to report the rate), calling super() for
+    TRL's own loss: the neurons' inputs are collected by `SpikeRateRegulariser`'s hooks during
+    that very forward (TRL's fused-LM-head path calls the backbone directly; the neurons live in
+    it, so they are seen either way). `spike_regulariser = None`: exactly TRL's trainer.
+    """
+
+    spike_regulariser: SpikeRateRegulariser | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        regulariser = self.spike_regulariser
+        if regulariser is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        with regulariser.recording():
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # TRL scores prompt + completion in one row [B, P + C]; only the completion's tokens count
+        token_mask = torch.cat([torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], dim=1)
+        rate = regulariser.rate(token_mask)
+        # TRL's loss is already divided for gradient accumulation (micro-batches summed): same here
+        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        self._spike_rates().append(float(rate.detach()))
+        return loss + regulariser.weight * rate / accumulation
+
+    def _spike_rates(self) -> list[float]:
+        """The rates since the last log (kept on the instance, created on first use)."""
+        return self.__dict__.setdefault("_spike_rate_log", [])
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        rates = self._spike_rates()
+        if rates:
+            logs["spike_energy/rate"] = sum(rates) / len(rates)  # spikes per neuron channel per step, completions
+            rates.clear()
+        super().log(logs, start_time)
+
+
+class GRPOWithSpikeRate(SpikeRateLoss, trl.GRPOTrainer):
+    """TRL's GRPOTrainer + the spike-rate term (see `SpikeRateLoss`)."""
+
+
+class RLOOWithSpikeRate(SpikeRateLoss, trl.RLOOTrainer):
+    """TRL's RLOOTrainer + the spike-rate term (see `SpikeRateLoss`)."""
+
+
+def with_spike_rate(trainer, weight: float):
+    """Attach a `SpikeRateRegulariser` of `weight` to a `SpikeRateLoss` trainer (weight 0: none)."""
+    if weight > 0:
+        trainer.spike_regulariser = SpikeRateRegulariser(trainer.model, weight)
+    return trainer
+
+
+def split_energy_weight(funcs: list, weights: list[float], mode: str) -> tuple[list[float], float]:
+    """(reward weights for the advantages, weight of the spike-rate loss term) for `energy_penalty`.
+
+    >>> split_energy_weight([lambda: 0], [1.0], "loss")
+    ([1.0], 0.0)
+    """
+    names = [getattr(f, "__name__", "") for f in funcs]
+    if "spike_energy" not in names:
+        return list(weights), 0.0
+    index = names.index("spike_energy")
+    energy = weights[index]
+    reward_weights = list(weights)
+    if mode == "loss":
+        reward_weights[index] = 0.0  # still computed and logged by TRL / PPO, no effect on the advantages
+    return reward_weights, (energy if mode in ("loss", "both") else 0.0)
+
+
 # ----------------------------------------------------------------------------- measurements
 
 
 @torch.no_grad()
 def held_out_spikes(model, tokenizer, test_ds, batch_size: int) -> dict[str, float]:
-    """Spikes per token and firing rate on held-out `prompt + answer` texts (real tokens only)."""
+    """Spikes per token, firing rate and energy per token on held-out `prompt + answer` texts (real tokens only).
+
+    Energy: `spiking.estimate_energy` from the same spike counts (45 nm cost table, memory access
+    not counted).
+    """
     texts = [p + a for p, a in zip(test_ds["prompt"], test_ds["answer"])]
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
+    tokens = 0
     try:
-        totals = {"abs_sum": 0, "nonzero": 0, "elements": 0, "tokens": 0}
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-            with spiking.count_spikes(model, attention_mask=batch["attention_mask"]) as stats:
+        with spiking.count_spikes(model) as stats:  # one tally over every batch
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+                stats.attention_mask = batch["attention_mask"]
                 model(**batch, use_cache=False)
-            overall = stats.overall()
-            for key in totals:
-                totals[key] += overall[key]
+                tokens += int(batch["attention_mask"].sum())
     finally:
         tokenizer.padding_side = saved_side
         model.train(was_training)
+    overall = stats.overall()
+    # estimate_energy takes the counts as they are; the mask only tells it how many tokens they cover
+    all_tokens = torch.ones(1, tokens, dtype=torch.long)
+    energy = spiking.estimate_energy(model, all_tokens, attention_mask=all_tokens, stats=stats)
     return {
-        "spikes_per_token": totals["abs_sum"] / max(totals["tokens"], 1),
-        "firing_rate": totals["nonzero"] / max(totals["elements"], 1),
+        "spikes_per_token": overall["spikes_per_token"],
+        "firing_rate": overall["firing_rate"],
+        "energy_pj_per_token": energy.pj_per_token,
     }
 
 
-def evaluate(model, tokenizer, test_ds, budget: int, batch_size: int) -> dict[str, float]:
+def evaluate(model, tokenizer, test_ds, budget: int, batch_size: int, teacher_pj: float | None = None) -> dict[str, float]:
+    """Held-out accuracy and spike / energy figures; `energy_ratio` = teacher's pJ per token / the model's."""
     accuracy = tasks.exact_match_accuracy(model, tokenizer, test_ds, max_new_tokens=budget, batch_size=batch_size)
-    return {"accuracy": accuracy["accuracy"], **held_out_spikes(model, tokenizer, test_ds, batch_size)}
+    result = {"accuracy": accuracy["accuracy"], **held_out_spikes(model, tokenizer, test_ds, batch_size)}
+    if teacher_pj is not None:
+        result["energy_ratio"] = teacher_pj / result["energy_pj_per_token"]
+    return result
+
+
+def teacher_energy(ctx: StageContext) -> float | None:
+    """The teacher's energy per token (dense: no forward needed), or None when the run has no teacher stage."""
+    folder = ctx.upstream.get("teacher")
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    teacher = AutoModelForCausalLM.from_pretrained(folder)
+    return spiking.estimate_energy(teacher, torch.ones(1, 1, dtype=torch.long)).pj_per_token
 
 
 # ----------------------------------------------------------------------------- DPO pairs
@@ -285,6 +400,18 @@ def trl_args(cfg: Config, ctx: StageContext, budget: int, weights: list[float]):
     return config_class(**kwargs)
 
 
+def load_rl_checkpoint(model, checkpoint: Path) -> None:
+    """Load a TRL checkpoint's weights into `model`: the LoRA adapter with peft, else the whole model."""
+    adapter = Path(checkpoint) / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(adapter))
+    else:
+        load_checkpoint_weights(model, checkpoint)
+
+
 def run(cfg: Config, ctx: StageContext) -> dict:
     data_dir = ctx.need("data")
     model_dir = input_model_dir(ctx)
@@ -298,14 +425,18 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     budget = tasks.answer_token_budget(tokenizer, test_ds["answer"])
 
     metrics: dict[str, Any] = {"algo": cfg.algo, "input_model": model_dir.name}
+    teacher_pj = teacher_energy(ctx) if ctx.is_main_process else None
     if ctx.is_main_process:
-        before = evaluate(policy, tokenizer, test_ds, budget, cfg.eval_batch_size)
+        before = evaluate(policy, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
         metrics.update({f"{key}_before": value for key, value in before.items()})
         ctx.logger.info("rl: input model %s: %s", model_dir, before)
 
     if cfg.lora is not None:
         policy = apply_lora(policy, cfg.lora)
     reward_funcs, weights = rewards_lib.build_rewards(cfg.rewards, policy=policy, tokenizer=tokenizer)
+    weights, spike_rate_weight = split_energy_weight(reward_funcs, weights, cfg.energy_penalty)
+    if spike_rate_weight > 0:
+        ctx.logger.info("rl: spike_energy %.4g as a spike-rate term in the loss (energy_penalty: %s)", spike_rate_weight, cfg.energy_penalty)
     resume = ctx.last_checkpoint()
     callbacks = [JsonLogCallback(ctx.out_dir / "train_log.json"), *ctx.extra.get("callbacks", [])]
 
@@ -316,6 +447,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         trainer = PPOTrainer(
             policy, ref_model, tokenizer, reward_funcs, weights, train_ds, ppo_cfg, ctx.checkpoint_dir,
             seed=ctx.seed, value_backbone=value_backbone, callbacks=callbacks, logger=ctx.logger,
+            spike_rate_weight=spike_rate_weight,
         )
         result = trainer.train(resume_from_checkpoint=resume)
         steps, history = result["steps"], result["log_history"]
@@ -323,29 +455,41 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         args = trl_args(cfg, ctx, budget, weights)
         common = dict(model=policy, args=args, processing_class=tokenizer, callbacks=callbacks)
         if cfg.algo == "grpo":
-            trainer = trl.GRPOTrainer(reward_funcs=reward_funcs, train_dataset=train_ds, **common)
+            trainer = GRPOWithSpikeRate(reward_funcs=reward_funcs, train_dataset=train_ds, **common)
+            with_spike_rate(trainer, spike_rate_weight)
         elif cfg.algo == "rloo":
-            trainer = trl.RLOOTrainer(reward_funcs=reward_funcs, train_dataset=train_ds, **common)
+            trainer = RLOOWithSpikeRate(reward_funcs=reward_funcs, train_dataset=train_ds, **common)
+            with_spike_rate(trainer, spike_rate_weight)
         else:
             pairs = dpo_pairs(cfg, ctx, data_dir, policy, tokenizer, train_ds, reward_funcs, weights, budget)
             metrics["dpo_pairs"] = len(pairs)
             # the reference = the input model from its folder (with LoRA: the policy, adapter off)
             ref_model = None if cfg.lora is not None else load_policy(model_dir, ctx)
             trainer = trl.DPOTrainer(ref_model=ref_model, train_dataset=pairs, **common)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        steps, history = result.global_step, trainer.state.log_history
+        finished = finished_training(resume, args.max_steps)
+        if finished is not None:  # killed after the last checkpoint, before the outputs were written
+            ctx.logger.info("rl: %s already holds all %d steps: loading it instead of training", resume, args.max_steps)
+            load_rl_checkpoint(trainer.model, resume)
+            steps = finished["steps"]
+            history = json.loads((resume / "trainer_state.json").read_text()).get("log_history", [])
+        else:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            steps, history = result.global_step, trainer.state.log_history
         policy = trainer.model
+        if getattr(trainer, "spike_regulariser", None) is not None:
+            trainer.spike_regulariser.close()
 
     final = policy
     if cfg.lora is not None and cfg.lora.merge:
         final = policy.merge_and_unload()
     spiking.set_sgc_lambda(final, 0.0)
     metrics["steps"] = steps
+    metrics["spike_rate_weight"] = spike_rate_weight
     if not ctx.is_main_process:
         return metrics
     final.save_pretrained(ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir)
-    after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size)
+    after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["eval_samples"] = len(test_ds)
     logged = [entry for entry in history if any(k.startswith("rewards/") or k == "reward" for k in entry)]

@@ -62,6 +62,8 @@ from stages.teacher import (
     build_training_args,
     check_vocab,
     collate_blocks,
+    finished_training,
+    load_checkpoint_weights,
     load_compute_teacher,
     warn_if_checkpoint_disagrees,
 )
@@ -110,7 +112,10 @@ class ModuleNeuron(StrictModel):
     @model_validator(mode="after")
     def _fields_of_kind(self):
         allowed = _KIND_FIELDS[self.kind] | ({"learnable"} if self.kind in ("si_lif", "atmn") else set())
-        extra = sorted(self.model_fields_set - allowed - {"kind"})
+        # a resolved recipe.yaml dumps every field at its default (D: null, learnable: true):
+        # only a value other than the default is refused
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        extra = sorted(f for f in self.model_fields_set - allowed - {"kind"} if getattr(self, f) != defaults[f])
         if extra:
             raise ValueError(f"{extra[0]!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed) or 'none'})")
         return self
@@ -135,6 +140,9 @@ class SBDSConfig(StrictModel):
         "pre_norm", description="residual stream before each RMSNorm (paper's best) or after it"
     )
     temperature: float = Field(1.0, gt=0, description="softmax temperature τ of both KL terms (scaled by τ²)")
+    ce: float = Field(
+        0.0, ge=0, description="cross-entropy of the full-T output on the corpus labels (not in the paper; as distill's ce)"
+    )
 
 
 def _default_modules() -> dict[str, ModuleNeuron]:
@@ -153,6 +161,11 @@ class Config(TrainerKnobs):
     teacher: str | None = Field(None, description="teacher folder (None: the teacher stage's output)")
     sgc: SGCConfig | Literal[False] = Field(False, description="SGC schedule for the refined neurons, or false (MAR: pure spikes)")
     calibration_batches: int = Field(4, ge=1, description="batches used to calibrate new / changed neurons before step 1")
+    threshold_init: Literal["calibrate", "inherit"] = Field(
+        "calibrate",
+        description="a changed neuron starts from a percentile calibration, or (inherit) from the distilled "
+        "neuron's trained threshold at the same place, rescaled so the top level (D·V = T·V_th) is kept",
+    )
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
     max_steps: int = Field(200, ge=1, description="optimizer steps (each costs T student forwards with spike_aware)")
     lr: float = Field(5e-4, gt=0, description="peak learning rate: a refinement, lower than distill's")
@@ -284,6 +297,7 @@ def sbds_loss(
     step_features: Sequence[Sequence[torch.Tensor]],
     teacher_features: Sequence[torch.Tensor],
     sbds: SBDSConfig,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The SBDS loss and its terms.
 
@@ -291,7 +305,9 @@ def sbds_loss(
     per step, one [B, L, H] per block; teacher_features: one [B, L, H] per block.
     KLs are averaged over tokens (batchmean over B·L) and over steps; the feature term is the
     mean over steps and blocks of the per-element MSE.
-    Returns {"loss" (differentiable), "kl_forward", "kl_reverse", "feature_mse", "kl_forward_last"}.
+    labels [B, L] (optional): with `sbds.ce` > 0, the cross-entropy of the last step's logits on
+    the next tokens (labels shifted by one, -100 ignored) is added with weight `ce`.
+    Returns {"loss" (differentiable), "kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"}.
     """
     tau = sbds.temperature
     vocab = teacher_logits.shape[-1]
@@ -306,12 +322,18 @@ def sbds_loss(
     mses = [F.mse_loss(s.float(), t.float()) for feats in step_features for s, t in zip(feats, teacher_features)]
     feature = torch.stack(mses).mean() if mses else torch.zeros((), device=teacher_logits.device)
     total = sbds.alpha * kl_forward + sbds.beta * kl_reverse + sbds.gamma * feature
+    ce = torch.zeros((), device=teacher_logits.device)
+    if sbds.ce > 0 and labels is not None:
+        last = step_logits[-1]
+        ce = F.cross_entropy(last[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+        total = total + sbds.ce * ce
     return {
         "loss": total,
         "kl_forward": kl_forward.detach(),
         "kl_reverse": kl_reverse.detach(),
         "feature_mse": feature.detach(),
         "kl_forward_last": (forward[-1] * tau**2).detach(),
+        "ce": ce.detach(),
     }
 
 
@@ -338,9 +360,11 @@ class SparsifyTrainer(Trainer):
         # count spikes (of the plain forward) only on logging steps: the hot path pays nothing otherwise
         counting = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
         outputs, stats = student_step_outputs(model, batch, self.sbds, self.features, steps, student if counting else None)
-        terms = sbds_loss([o[0] for o in outputs], t_logits, [o[1] for o in outputs], t_features, self.sbds)
+        terms = sbds_loss(
+            [o[0] for o in outputs], t_logits, [o[1] for o in outputs], t_features, self.sbds, inputs.get("labels")
+        )
         if model.training:
-            for name in ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last"):
+            for name in ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"):
                 self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
             self._count += 1
             if counting:
@@ -483,9 +507,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             ctx.record_before_training(before)
         # new / changed neurons start from thresholds calibrated on the student's own activations
         # (fresh start only: a checkpoint restores the trained ones)
+        distilled_neurons = dict(spiking.iter_neurons(distilled))
         for name, neuron in spiking.iter_neurons(student):
             if spiking.neuron_placement(name) in changed:
                 neuron.calibrated.fill_(False)
+                if cfg.threshold_init == "inherit" and name in distilled_neurons:
+                    inherit_threshold(neuron, distilled_neurons[name])
         n_blocks = min(cfg.calibration_batches * cfg.batch_size, len(corpus["train"]))
         ids = torch.tensor(corpus["train"][:n_blocks]["input_ids"], device=teacher.device)  # [n_blocks, L]
         if changed:
@@ -515,17 +542,37 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if resume is not None:
         ctx.logger.info("sparsify: resuming from %s", resume)
         warn_if_checkpoint_disagrees(resume, args, ctx)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finished = finished_training(resume, args.max_steps)
+    if finished is not None:  # killed after the last checkpoint, before the outputs were written
+        ctx.logger.info("sparsify: %s already holds all %d steps: loading it instead of training", resume, args.max_steps)
+        load_checkpoint_weights(trainer.model, resume)
+        train_loss, steps = finished["train_loss"], finished["steps"]
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_loss, steps = result.training_loss, result.global_step
     spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
     trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
 
-    metrics: dict[str, Any] = {"train_loss": result.training_loss, "steps": result.global_step, "spike_steps": spike_steps(student)}
+    metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps, "spike_steps": spike_steps(student)}
     if not ctx.is_main_process:
         return metrics
     tokenizer.save_pretrained(ctx.out_dir)
     metrics.update(ctx.recorded_before_training())  # measured before training by the first attempt
     metrics.update(_evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget, cfg))
     return metrics
+
+
+@torch.no_grad()
+def inherit_threshold(neuron: torch.nn.Module, previous: torch.nn.Module) -> None:
+    """Start `neuron` from `previous`'s trained per-channel threshold, keeping its top level.
+
+    SI-LIF(D, V) -> ATMN(T, V_th = V·D/T): both clip at the same |x| = D·V, so the new neuron
+    covers the range the distilled one was trained to, instead of a fresh percentile guess.
+    """
+    V = previous.threshold().float() * previous.top_level / neuron.top_level  # [C]
+    log_t = neuron._log_threshold()
+    log_t.copy_(V.log().to(log_t.dtype))
+    neuron.calibrated.fill_(True)
 
 
 def _check_checkpoint_neurons(checkpoint: Path, neurons: dict) -> None:

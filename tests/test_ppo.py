@@ -1,5 +1,6 @@
 """The project's PPO trainer: GAE and the clipped losses against hand-computed values, a toy
-problem with a known optimum, the separate value model, and checkpoint contents.
+problem with a known optimum, the separate value model, checkpoint contents, and the spike-rate
+loss term (spike_rate_weight) lowering the policy's firing rate.
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_ppo.py -q
 """
@@ -129,3 +130,29 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         PPOTrainer(tiny_policy(tokenizer), None, tokenizer, [starts_with_seven], [1.0], PROMPTS, args, tmp_path)
     with pytest.raises(ValueError, match="no 'prompt' column"):
         PPOTrainer(tiny_policy(tokenizer), None, tokenizer, [starts_with_seven], [1.0], Dataset.from_dict({"q": ["1"]}), args.model_copy(update={"kl_coef": 0.0}), tmp_path)
+
+
+def completion_spike_rate(policy, tokenizer) -> float:
+    """Spikes per neuron channel per step of the policy on fixed prompt + completion texts (all tokens)."""
+    batch = tokenizer(["12+34=46", "5+6=11", "70+8=78"], return_tensors="pt", padding=True)
+    with torch.no_grad(), spiking.count_spikes(policy, attention_mask=batch["attention_mask"]) as stats:
+        policy.eval()(**batch)
+    return stats.mean_abs
+
+
+def test_spike_rate_term_lowers_the_firing_rate(tmp_path):
+    tokenizer = char_tokenizer()
+    args = PPOConfig(max_steps=3, batch_size=4, num_generations=2, mini_batch_size=8, ppo_epochs=2, learning_rate=3e-2,
+                     max_completion_length=3, kl_coef=0.0, logging_steps=1, save_steps=10)
+    rates = {}
+    for weight in (0.0, 5.0):
+        policy = tiny_policy(tokenizer)
+        trainer = PPOTrainer(policy, None, tokenizer, [starts_with_seven], [1.0], PROMPTS, args, tmp_path / str(weight),
+                             spike_rate_weight=weight)
+        history = trainer.train()["log_history"]
+        rates[weight] = completion_spike_rate(policy, tokenizer)
+        logged = [entry.get("spike_rate") for entry in history]
+        print(weight, rates[weight], logged)
+        assert all(v is not None and v > 0 for v in logged) if weight else all(v is None for v in logged)
+    start = completion_spike_rate(tiny_policy(tokenizer), tokenizer)
+    assert rates[5.0] < 0.9 * start and rates[5.0] < rates[0.0]

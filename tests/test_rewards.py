@@ -1,5 +1,7 @@
 """rewards/: the docstring examples (doctest), edge cases, the recipe forms, the checking wrapper
-(an error naming the reward), and spike_energy against spiking.count_spikes row by row.
+(an error naming the reward), spike_energy against spiking.count_spikes row by row, and the
+spike-rate loss term (SpikeRateRegulariser): its value by hand and against count_spikes, a
+non-zero gradient that lowers the rate, and a clear error when nothing was recorded.
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rewards.py -q
 """
@@ -142,3 +144,88 @@ def test_spike_energy_needs_a_spiking_policy():
     plain = spiking.SpikingMambaForCausalLM(spiking.SpikingMambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=1, neurons={}))
     with pytest.raises(ValueError, match="spike_energy: the policy has no spiking neurons"):
         rewards.SpikeEnergy(plain, tokenizer)
+
+
+# ----------------------------------------------------------------------------- the spike-rate loss term
+
+
+def test_surrogate_spike_count_by_hand_for_each_neuron_kind():
+    """Value = the neuron's |s| (SI-LIF: round half away, clipped at D; ATMN: trunc, clipped at T);
+    gradient = sign(x)/V inside the range, 0 above the top level."""
+    si_lif = spiking.make_neuron({"kind": "si_lif", "D": 2}, channels=2)
+    atmn = spiking.make_neuron({"kind": "atmn", "T": 3}, channels=2)
+    with torch.no_grad():
+        si_lif.log_V.copy_(torch.log(torch.tensor([0.5, 2.0])))
+        atmn.a.copy_(torch.log(torch.tensor([0.5, 2.0])))
+    x = torch.tensor([[0.2, -3.0], [-0.8, 9.0]], requires_grad=True)  # [L=2, C=2]; x/V = [[0.4, -1.5], [-1.6, 4.5]]
+    for neuron, counts in ((si_lif, [[0, 2], [2, 2]]), (atmn, [[0, 1], [1, 3]])):
+        value = rewards.energy.surrogate_spike_count(neuron, x)
+        print(neuron.kind, value.tolist())
+        assert value.tolist() == counts
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        top = neuron.top_level  # D = 2, T = 3
+        # d min(|x|/V, top)/dx: sign(x)/V below the top level, 0 above (9/2 = 4.5 > top for both)
+        expected = torch.tensor([[1 / 0.5, -1 / 2.0], [-1 / 0.5, 0.0]])
+        assert top < 4.5
+        torch.testing.assert_close(grad, expected)
+
+
+def completion_batch(tokenizer):
+    """Left-padded prompt + completion rows [B, L] and a mask of the completion tokens."""
+    rows = [("12+34=", "46"), ("5+6=", "11"), ("70+8=", "7")]
+    batch = tokenizer([p + c for p, c in rows], return_tensors="pt", padding=True)
+    completion = torch.zeros_like(batch["input_ids"])
+    for i, (_, c) in enumerate(rows):
+        completion[i, -len(c):] = 1
+    return batch, completion
+
+
+def test_spike_rate_term_equals_count_spikes_on_the_completion_tokens():
+    tokenizer = char_tokenizer()
+    policy = tiny_policy(tokenizer)
+    batch, completion = completion_batch(tokenizer)
+    with torch.no_grad(), spiking.count_spikes(policy, attention_mask=completion) as stats:
+        policy(**batch)
+    expected = stats.overall()["abs_sum"] / stats.overall()["elements"]  # spikes per neuron channel per step
+    regulariser = rewards.energy.SpikeRateRegulariser(policy, weight=0.5)
+    policy.train()
+    with regulariser.recording():
+        policy(**batch)
+    rate = regulariser.rate(completion)
+    print("regulariser", float(rate.detach()), "count_spikes", expected)
+    assert float(rate.detach()) == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert rate.requires_grad
+    with pytest.raises(RuntimeError, match="recorded nothing"):
+        with torch.no_grad(), regulariser.recording():
+            policy(**batch)  # no gradients: nothing to differentiate, so nothing recorded
+        regulariser.rate(completion)
+    regulariser.close()
+    with regulariser.recording():
+        policy(**batch)
+    with pytest.raises(RuntimeError, match="recorded nothing"):
+        regulariser.rate(completion)  # hooks removed: the model runs as before
+
+
+def test_spike_rate_gradient_is_nonzero_and_lowers_the_rate():
+    tokenizer = char_tokenizer()
+    policy = tiny_policy(tokenizer)
+    batch, completion = completion_batch(tokenizer)
+    regulariser = rewards.energy.SpikeRateRegulariser(policy, weight=1.0)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-2)
+    policy.train()
+    rates = []
+    for _ in range(6):
+        with regulariser.recording():
+            policy(**batch)
+        rate = regulariser.rate(completion)
+        optimizer.zero_grad()
+        (regulariser.weight * rate).backward()
+        if not rates:
+            grads = {n: p.grad.abs().sum().item() for n, p in policy.named_parameters() if p.grad is not None}
+            print({n: g for n, g in grads.items() if g > 0})
+            assert any(g > 0 for n, g in grads.items() if "neurons" in n)  # the thresholds
+            assert any(g > 0 for n, g in grads.items() if "in_proj" in n or "embeddings" in n)  # what feeds them
+        optimizer.step()
+        rates.append(float(rate.detach()))
+    print("rates", rates)
+    assert rates[-1] < 0.8 * rates[0]

@@ -1,7 +1,8 @@
 """The rl stage: GRPO, RLOO, DPO and PPO each train a tiny spiking student for 2 steps on CPU
 (weights move, metrics before/after, a loadable output), LoRA merged or saved as an adapter, the
-`trl:` block checked against TRL's config, DPO pairs built from the verifiable task, and resume
-after a crash.
+`trl:` block checked against TRL's config, DPO pairs built from the verifiable task, resume
+after a crash, and the spike_energy loss term inside TRL's GRPO loss (weight 0: TRL's loss
+exactly; weight w: TRL's loss + w × the completions' spike rate) and PPO's.
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_rl.py -q
 """
@@ -15,6 +16,7 @@ import pytest
 import torch
 from datasets import load_from_disk
 from pydantic import ValidationError
+import trl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -108,6 +110,8 @@ def test_each_algorithm_trains_the_spiking_policy_two_steps(tmp_path, upstream, 
     for key in ("accuracy_before", "accuracy_after", "firing_rate_before", "firing_rate_after"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["spikes_per_token_before"] > 0 and metrics["spikes_per_token_after"] > 0
+    assert metrics["energy_pj_per_token_before"] > 0 and metrics["energy_pj_per_token_after"] > 0
+    assert "energy_ratio_after" not in metrics  # this run has no teacher stage to compare with
     changed = moved(weights(upstream["distill"]), weights(ctx.out_dir))
     assert any(".mixer.in_proj." in k for k in changed), changed
     policy = AutoModelForCausalLM.from_pretrained(ctx.out_dir)
@@ -144,14 +148,61 @@ def test_lora_is_merged_or_saved_as_an_adapter(tmp_path, upstream, algo, merge):
         assert adapter and all("lora_" in k for k in adapter)
 
 
-def test_spike_energy_reward_runs_inside_grpo(tmp_path, upstream):
+@pytest.mark.parametrize("mode", ["loss", "reward"])
+def test_spike_energy_runs_inside_grpo(tmp_path, upstream, mode):
+    """TRL's default gradient checkpointing (non-reentrant) is on here: the loss term works with it."""
     ctx = make_ctx(tmp_path, "rl", upstream)
-    cfg = rl.Config(algo="grpo", trl=TINY_TRL, rewards=["arith_exact", {"spike_energy": 0.5}], eval_samples=4)
+    cfg = rl.Config(algo="grpo", trl=TINY_TRL, rewards=["arith_exact", {"spike_energy": 0.5}], energy_penalty=mode, eval_samples=4)
     metrics = rl.run(cfg, ctx)
     log = json.loads((ctx.out_dir / "train_log.json").read_text())
     energy = [entry["rewards/spike_energy/mean"] for entry in log if "rewards/spike_energy/mean" in entry]
-    print(energy, metrics)
-    assert energy and all(value < 0 for value in energy)  # a penalty: spikes were counted
+    rates = [entry["spike_energy/rate"] for entry in log if "spike_energy/rate" in entry]
+    print(mode, energy, rates, metrics)
+    assert energy and all(value < 0 for value in energy)  # the reward is computed and logged either way
+    assert metrics["spike_rate_weight"] == (0.5 if mode == "loss" else 0.0)
+    assert (len(rates) == 2 and all(0 < r for r in rates)) if mode == "loss" else not rates
+
+
+def test_energy_penalty_loss_needs_an_online_algorithm():
+    with pytest.raises(ValidationError, match="energy_penalty: loss needs an online algorithm"):
+        rl.Config(algo="dpo", rewards=["arith_exact", {"spike_energy": 0.1}])
+    assert rl.Config(algo="dpo", rewards=["arith_exact", {"spike_energy": 0.1}], energy_penalty="reward")
+    funcs, weights_ = rewards.build_rewards(["arith_exact", {"length_penalty": 0.5}])
+    assert rl.split_energy_weight(funcs, weights_, "loss") == ([1.0, 0.5], 0.0)
+
+
+class LossProbe(rl.GRPOWithSpikeRate):
+    """Computes TRL's own GRPO loss on the same inputs next to the regularised one, each step."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain = trl.GRPOTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+        total = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        rate = self._spike_rates()[-1] if self.spike_regulariser is not None else None
+        self.seen.append((plain.detach(), total.detach(), rate))
+        return total
+
+
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_grpo_loss_with_the_spike_term_is_trls_loss_plus_weight_times_rate(tmp_path, upstream, weight):
+    tokenizer = AutoTokenizer.from_pretrained(upstream["distill"])
+    policy = rl.load_policy(upstream["distill"], make_ctx(tmp_path, "rl", upstream))
+    prompts = load_from_disk(str(upstream["data"] / "prompts"))["train"]
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        gradient_accumulation_steps=2, **(TINY_TRL | {"save_steps": 10}),
+    )
+    trainer = LossProbe(model=policy, args=args, reward_funcs=[rewards.REWARDS["arith_exact"]], train_dataset=prompts, processing_class=tokenizer)
+    trainer.seen = []
+    rl.with_spike_rate(trainer, weight)
+    trainer.train()
+    assert len(trainer.seen) == 4  # 2 steps × 2 accumulated micro-batches
+    for plain, total, rate in trainer.seen:
+        print(weight, float(plain), float(total), rate)
+        if weight == 0:
+            assert torch.equal(plain, total)  # exactly TRL's loss: no hooks, no term
+        else:
+            assert 0 < rate <= 4  # spikes per neuron channel: SI-LIF D = 4 at most
+            torch.testing.assert_close(total, plain + weight * rate / 2, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- DPO pairs

@@ -90,6 +90,38 @@ def test_sbds_terms_equal_hand_computed_values():
     assert abs(forward0 - reverse0) > 1e-3
 
 
+def test_sbds_ce_term_is_the_last_steps_cross_entropy_on_the_next_tokens():
+    # vocab 2, positions 0..2; labels [0, 1, 1]: position 0 predicts 1, position 1 predicts 1
+    # last step: logits (0, log 3) at every position -> p(1) = 3/4; an earlier step is ignored
+    last = torch.tensor([[[0.0, math.log(3.0)]] * 3])
+    earlier = torch.zeros(1, 3, 2)
+    labels = torch.tensor([[0, 1, 1]])
+    cfg = sparsify.SBDSConfig(alpha=0.0, beta=0.0, gamma=0.0, ce=0.5)
+    terms = sparsify.sbds_loss([earlier, last], last, [[], []], [], cfg, labels)
+    print({k: round(v.item(), 6) for k, v in terms.items()})
+    assert terms["ce"].item() == pytest.approx(-math.log(0.75), rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.5 * -math.log(0.75), rel=1e-6)
+    # ce = 0 (the default): the labels change nothing
+    plain = sparsify.SBDSConfig()
+    with_labels = sparsify.sbds_loss([earlier, last], last, [[], []], [], plain, labels)
+    without = sparsify.sbds_loss([earlier, last], last, [[], []], [], plain)
+    assert with_labels["loss"].item() == without["loss"].item()
+
+
+def test_inherit_threshold_keeps_the_top_level_of_the_distilled_neuron():
+    old = spiking.make_neuron({"kind": "si_lif", "D": 4}, channels=3)
+    with torch.no_grad():
+        old.log_V.copy_(torch.tensor([0.1, 0.2, 0.4]).log())
+    new = spiking.make_neuron({"kind": "atmn", "T": 2}, channels=3)
+    sparsify.inherit_threshold(new, old)
+    # D·V = T·V_th: V_th = V·4/2
+    assert torch.allclose(new.V_th, torch.tensor([0.2, 0.4, 0.8]))
+    assert bool(new.calibrated)
+    # same range: the largest input the old neuron saturates at, the new one saturates at too
+    x = torch.tensor([[0.4, 0.8, 1.6]])
+    assert torch.allclose(new(x), old(x))
+
+
 # ----------------------------------------------------------------------------- spike-aware steps
 
 
@@ -188,6 +220,15 @@ def test_module_section_accepts_aliases_and_names_bad_keys():
         sparsify.Config(sbds={"alpha": -1})
     with pytest.raises(ValidationError, match="features"):
         sparsify.Config(sbds={"features": "mid_norm"})
+
+
+def test_a_dumped_modules_section_loads_back():
+    # the run folder's resolved recipe.yaml dumps every field, None included (D: null for atmn)
+    cfg = sparsify.Config(modules={"in_proj": {"kind": "atmn", "T": 2}, "out_proj": "keep"})
+    again = sparsify.Config.model_validate(cfg.model_dump())
+    assert again.modules == cfg.modules
+    with pytest.raises(ValidationError, match="'D' does not apply to kind 'atmn'"):
+        sparsify.ModuleNeuron.model_validate({"kind": "atmn", "D": 4})
 
 
 def test_refined_neurons_replace_join_keep_and_drop():
