@@ -288,6 +288,16 @@ def run_recipe(
     return actions
 
 
+def _forget_deepspeed_config() -> None:
+    """Drop the DeepSpeed config a stage's Trainer registered with transformers (a module global):
+    left live, ZeRO-3 would shard every model the next stage loads, before that stage asks for it."""
+    import sys
+
+    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
+    if hf_deepspeed is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+
+
 def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: bool = False) -> None:
     """Prepare the folder, run the stage on every rank, then (rank 0) write the manifest last."""
     dist = distributed_state()
@@ -333,6 +343,8 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: b
             "command again to resume", name, time.perf_counter() - start,
         )
         raise
+    finally:
+        _forget_deepspeed_config()
     wall_s = time.perf_counter() - start
     dist = distributed_state()  # the stage's Trainer may have rebuilt it
     dist.wait_for_everyone()  # every rank has finished writing outputs

@@ -24,6 +24,11 @@ SOURCE = ROOT / "runs" / "tiny"
 ORDER = ["data", "teacher", "distill", "sparsify", "rl"]
 
 ATMN = "{in_proj: {kind: atmn, T: 4}, out_proj: {kind: atmn, T: 4}}"
+# a stronger GRPO update: the spike-rate term needs the thresholds to move
+STRONG = (
+    "stages.rl.trl={max_steps: 200, num_generations: 8, per_device_train_batch_size: 32, learning_rate: 3.0e-4,"
+    " beta: 0.0, gradient_checkpointing: false, logging_steps: 20, save_steps: 100}"
+)
 ROWS: dict[str, dict[str, list[str]]] = {
     "distill": {
         "base (the recipe)": [],
@@ -58,15 +63,19 @@ ROWS: dict[str, dict[str, list[str]]] = {
             "stages.rl.trl={}",
             "stages.rl.ppo={max_steps: 100, batch_size: 16, num_generations: 2, mini_batch_size: 32, ppo_epochs: 2, learning_rate: 3.0e-5}",
         ],
-        "GRPO + spike_energy 0.1": ["stages.rl.rewards=[arith_exact, {spike_energy: 0.1}]"],
-        "GRPO + spike_energy 1.0": ["stages.rl.rewards=[arith_exact, {spike_energy: 1.0}]"],
-        "GRPO + spike_energy 5.0": ["stages.rl.rewards=[arith_exact, {spike_energy: 5.0}]"],
+        "GRPO, lr 3e-4, 200 steps (the energy rows' baseline)": [STRONG],
+        "GRPO, lr 3e-4, 200 steps, seed 1": [STRONG, "run.seed=1"],
+        "GRPO, lr 3e-4, 200 steps + spike_energy 0.1": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 0.1}]"],
+        "GRPO, lr 3e-4, 200 steps + spike_energy 0.3": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 0.3}]"],
+        "GRPO, lr 3e-4, 200 steps + spike_energy 1.0": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 1.0}]"],
+        "GRPO, lr 3e-4, 200 steps + spike_energy 3.0": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 3.0}]"],
     },
 }
 COLUMNS = {  # metric -> header, per stage
     "distill": {"student_accuracy": "accuracy", "converted_accuracy": "converted", "firing_rate": "firing rate", "energy_ratio": "energy ratio"},
     "sparsify": {"student_accuracy": "accuracy", "firing_rate/in_proj": "firing in", "firing_rate/out_proj": "firing out", "energy_ratio": "energy ratio"},
-    "rl": {"accuracy_before": "accuracy before", "accuracy_after": "accuracy after", "firing_rate_before": "firing before", "firing_rate_after": "firing after"},
+    "rl": {"accuracy_before": "accuracy before", "accuracy_after": "accuracy after", "firing_rate_before": "firing before",
+           "firing_rate_after": "firing after", "energy_ratio_after": "energy ratio after"},
 }
 
 

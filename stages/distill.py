@@ -19,9 +19,8 @@ Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -253,36 +252,13 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     tokenizer.save_pretrained(ctx.out_dir)
     # a resumed attempt reads the figure its first attempt recorded before training
     metrics["converted_accuracy"] = ctx.recorded_before_training().get("converted_accuracy")
-    with zero3_switched_off():
-        student = gathered_student(student, ctx.out_dir)
+    with tasks.zero3_switched_off():
+        student = tasks.gathered(student, ctx.out_dir, _reload_student)
         metrics.update(_evaluate(student, teacher, tokenizer, corpus, test_prompts, budget, cfg))
     return metrics
 
 
-@contextmanager
-def zero3_switched_off() -> Iterator[None]:
-    """Rank 0 alone, after training: ZeRO-3 off for what transformers does next in this process.
-
-    While the Trainer's DeepSpeed ZeRO-3 config is live, `from_pretrained` shards a model it loads
-    (`zero.Init`) and `generate` all-reduces after every token (`synced_gpus`): both wait for the
-    other ranks, which have finished the stage, so rank 0 would hang. Restored on exit.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = live
-
-
-def gathered_student(student: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
-    """The student rank 0 evaluates: `student` itself, or under ZeRO-3 (where rank 0 holds only
-    its shard of every weight) the whole model `save_model` has just gathered into `out_dir`.
-    Call it inside `zero3_switched_off()`."""
-    if not hasattr(next(student.parameters()), "ds_id"):  # no ZeRO-3 partitioning: whole already
-        return student
+def _reload_student(out_dir: Path) -> torch.nn.Module:
     whole = AutoModelForCausalLM.from_pretrained(out_dir)
     spiking.set_sgc_lambda(whole, 0.0)
     return whole

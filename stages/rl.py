@@ -480,16 +480,25 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             trainer.spike_regulariser.close()
 
     final = policy
+    zero3 = cfg.algo != "ppo" and tasks.is_zero3_partitioned(policy)  # PPO: our loop, DDP only
     if cfg.lora is not None and cfg.lora.merge:
+        if zero3:
+            raise ValueError("stages.rl.lora.merge: merging under DeepSpeed ZeRO-3 is not supported; set merge: false "
+                             "(saves the adapter) or use recipes/accelerate/zero2.yaml")
         final = policy.merge_and_unload()
     spiking.set_sgc_lambda(final, 0.0)
     metrics["steps"] = steps
     metrics["spike_rate_weight"] = spike_rate_weight
+    if zero3:
+        trainer.save_model(str(ctx.out_dir))  # every rank: gathers the ZeRO-3 shards, rank 0 writes
     if not ctx.is_main_process:
         return metrics
-    final.save_pretrained(ctx.out_dir)
+    if not zero3:
+        final.save_pretrained(ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir)
-    after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
+    with tasks.zero3_switched_off():  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole policy
+        final = tasks.gathered(final, ctx.out_dir, lambda folder: load_policy(folder, ctx))
+        after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["eval_samples"] = len(test_ds)
     logged = [entry for entry in history if any(k.startswith("rewards/") or k == "reward" for k in entry)]

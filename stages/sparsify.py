@@ -558,7 +558,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         return metrics
     tokenizer.save_pretrained(ctx.out_dir)
     metrics.update(ctx.recorded_before_training())  # measured before training by the first attempt
-    metrics.update(_evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget, cfg))
+    with tasks.zero3_switched_off():  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole student
+        student = tasks.gathered(student, ctx.out_dir, spiking.SpikingMambaForCausalLM.from_pretrained)
+        metrics.update(_evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget, cfg))
     return metrics
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,7 @@ def generate_completions(
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=eos_token_id,
+                    synced_gpus=False,  # evaluation runs on one rank: never wait for the others per token
                 )
                 new_tokens = generated[:, batch["input_ids"].shape[1] :]  # [B, <= max_new_tokens]
                 for row in new_tokens.tolist():
@@ -151,3 +154,38 @@ def perplexity(model, corpus_ds, batch_size: int = 16, limit: int | None = None)
             total_loss += loss.item()
             total_tokens += targets.numel()
     return math.exp(total_loss / total_tokens)
+
+
+# ------------------------------------------------------------------ rank 0 after a ZeRO-3 stage
+
+
+@contextmanager
+def zero3_switched_off() -> Iterator[None]:
+    """Rank 0 alone, after training: ZeRO-3 off for what transformers does next in this process.
+
+    While the Trainer's DeepSpeed ZeRO-3 config is live, `from_pretrained` shards a model it loads
+    (`zero.Init`) and `generate` all-reduces after every token (`synced_gpus`): both wait for the
+    other ranks, which have finished the stage, so rank 0 would hang. Restored on exit.
+    (transformers keeps that config in a module global; there is no public getter to restore it.)
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
+def is_zero3_partitioned(model: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 holds `model`'s weights as shards (rank 0 has only its slice)."""
+    return hasattr(next(model.parameters()), "ds_id")
+
+
+def gathered(model: torch.nn.Module, out_dir: Path, load: Callable[[Path], torch.nn.Module]) -> torch.nn.Module:
+    """The model rank 0 evaluates: `model` itself, or under ZeRO-3 the whole model the stage has
+    just saved (gathered) into `out_dir`, loaded with `load`. Call it inside `zero3_switched_off()`."""
+    if not is_zero3_partitioned(model):
+        return model
+    return load(out_dir)

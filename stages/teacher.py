@@ -455,11 +455,26 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             raise ValueError(f"teacher: the corpus at {data_dir / 'corpus'} has no training blocks")
         metrics.update(train_causal_lm(model, tokenizer, corpus, cfg, ctx))
         if ctx.is_main_process and isinstance(model, SpikingMambaForCausalLM):
-            save_teacher(ctx.out_dir)
+            with tasks.zero3_switched_off():  # rank 0 alone from here: reloads must not shard
+                save_teacher(ctx.out_dir)
     if not ctx.is_main_process:
         return metrics
 
     tokenizer.save_pretrained(ctx.out_dir)
+    with tasks.zero3_switched_off():
+        model = tasks.gathered(model, ctx.out_dir, lambda folder: _reload(model, folder, ctx))
+        return _evaluate(model, tokenizer, corpus, prompts, cfg, ctx, metrics)
+
+
+def _reload(trained, folder: Path, ctx: StageContext):
+    """The saved teacher, whole, in the class it trained as (the project's mixer for a Mamba)."""
+    if isinstance(trained, SpikingMambaForCausalLM):
+        return from_teacher(str(folder), neurons={}, scan_backend=ctx.model.scan_backend)
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=ctx.model.trust_remote_code)
+
+
+def _evaluate(model, tokenizer, corpus, prompts, cfg: Config, ctx: StageContext, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Held-out perplexity and task accuracy of the teacher (rank 0)."""
     if len(corpus["test"]) > 0:
         metrics["teacher_ppl"] = tasks.perplexity(model, corpus["test"], cfg.eval_batch_size, limit=cfg.eval_blocks)
     if prompts is not None and len(prompts["test"]) > 0:

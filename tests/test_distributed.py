@@ -7,8 +7,8 @@
 Every rank runs each stage function (the stage's Trainer trains over all of them); only rank 0
 writes the lock, recipe.yaml, run.log and the manifests. Checked here: data + teacher under both
 launchers; distill under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (same weights as DDP); GRPO under DDP
-and ZeRO-2; the data is sharded (an optimizer step consumes processes × batch rows); a bad recipe
-fails on every rank before anything is written. distill and rl start from a data + teacher +
+and ZeRO-2; the whole recipe in one ZeRO-3 command; the data is sharded (an optimizer step
+consumes processes × batch rows); a bad recipe fails on every rank before anything is written. distill and rl start from a data + teacher +
 distill run made once, in this process, and copied per test (`--only distill` / `--only rl`).
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/test_distributed.py -q   (~3 min on 2 cores; the
@@ -221,3 +221,27 @@ def test_grpo_on_two_processes(tmp_path, upstream_run, launcher):
     first = next(entry for entry in log if entry.get("step") == 1)
     assert first["epoch"] == pytest.approx(2 / RL_PROMPTS)
     assert "rewards/arith_exact/mean" in first
+
+
+@pytest.mark.slow
+def test_every_stage_under_zero3_in_one_command(tmp_path):
+    """data → teacher → distill → sparsify → rl in one `accelerate launch` with ZeRO-3 (weights
+    sharded): every stage's rank 0 evaluates the gathered model instead of hanging on its shard,
+    a stage's ZeRO-3 config does not shard the next stage's loading, and every output is whole."""
+    run_dir = tmp_path / "run"
+    path = write_full_recipe(tmp_path, run_dir)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["stages"]["sparsify"] = {"max_steps": 2, "batch_size": BATCH, "save_steps": 1, "logging_steps": 1,
+                                    "eval_samples": 4, "eval_blocks": 4, "eval_batch_size": 4, "calibration_batches": 1}
+    recipe["stages"] = {k: recipe["stages"][k] for k in ("data", "teacher", "distill", "sparsify", "rl")}
+    path.write_text(yaml.safe_dump(recipe))
+    result = launch("zero3", "run", str(path))
+    assert result.returncode == 0, result.stderr[-5000:]
+    for stage in ("teacher", "distill", "sparsify", "rl"):
+        manifest = check_one_manifest(run_dir / stage)
+        model = AutoModelForCausalLM.from_pretrained(run_dir / stage)
+        assert not any(p.numel() == 0 for p in model.parameters()), stage  # no empty ZeRO-3 shard saved
+        assert all(torch.isfinite(p).all() for p in model.parameters()), stage
+    assert "teacher_accuracy" in read_manifest(run_dir / "teacher")["metrics"]
+    assert "student_accuracy" in read_manifest(run_dir / "sparsify")["metrics"]
+    assert "accuracy_after" in read_manifest(run_dir / "rl")["metrics"]
