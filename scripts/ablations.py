@@ -3,6 +3,7 @@
     .venv/bin/python scripts/ablations.py distill    # needs runs/tiny (bash scripts/quickstart.sh)
     .venv/bin/python scripts/ablations.py sparsify
     .venv/bin/python scripts/ablations.py rl
+    .venv/bin/python scripts/ablations.py rl spike_energy     # only the rows whose label contains it
 
 Each row copies the finished upstream stages of runs/tiny to runs/ablations/<stage>/<row>/ and
 runs `spikerl run recipes/tiny.yaml --only <stage> run.output_dir=… <overrides>` there, so every
@@ -64,7 +65,6 @@ ROWS: dict[str, dict[str, list[str]]] = {
             "stages.rl.ppo={max_steps: 100, batch_size: 16, num_generations: 2, mini_batch_size: 32, ppo_epochs: 2, learning_rate: 3.0e-5}",
         ],
         "GRPO, lr 3e-4, 200 steps (the energy rows' baseline)": [STRONG],
-        "GRPO, lr 3e-4, 200 steps, seed 1": [STRONG, "run.seed=1"],
         "GRPO, lr 3e-4, 200 steps + spike_energy 0.1": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 0.1}]"],
         "GRPO, lr 3e-4, 200 steps + spike_energy 0.3": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 0.3}]"],
         "GRPO, lr 3e-4, 200 steps + spike_energy 1.0": [STRONG, "stages.rl.rewards=[arith_exact, {spike_energy: 1.0}]"],
@@ -103,12 +103,15 @@ def main() -> None:
     print(f"| {stage} variant | " + " | ".join(columns.values()) + " |")
     print("| --- |" + " --- |" * len(columns))
     results = {}
+    only = sys.argv[2] if len(sys.argv) > 2 else ""
     for index, (label, overrides) in enumerate(ROWS[stage].items()):
+        if only not in label:
+            continue
         metrics = run_row(stage, label, overrides, index)
         results[label] = metrics
         cells = [f"{metrics[key]:.4f}" if isinstance(metrics.get(key), float) else str(metrics.get(key)) for key in columns]
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    out = ROOT / "runs" / "ablations" / f"{stage}.json"
+    out = ROOT / "runs" / "ablations" / f"{stage}{('-' + only.replace(' ', '_')) if only else ''}.json"
     out.write_text(json.dumps(results, indent=1))
 
 
