@@ -124,17 +124,21 @@ def test_distill_trains_a_loadable_spiking_student_and_reports_metrics(tmp_path,
     assert logged[0]["sgc_lambda"] > logged[-1]["sgc_lambda"] == 0.0
 
 
-def test_resume_after_a_crash_gives_the_same_student(tmp_path, upstream):
+@pytest.mark.parametrize("crash_at", [3, TINY_DISTILL["max_steps"]])
+def test_resume_after_a_crash_gives_the_same_student(tmp_path, upstream, crash_at):
+    # crash_at == max_steps: killed after the last checkpoint, before the outputs; the resumed
+    # attempt loads that checkpoint (HF Trainer would otherwise take one step more)
     straight = make_ctx(tmp_path / "a", "distill", upstream)
     distill.run(distill.Config(**TINY_DISTILL), straight)
 
     crashed = make_ctx(tmp_path / "b", "distill", upstream)
-    crashed.extra["callbacks"] = [CrashAfterSave(3)]
+    crashed.extra["callbacks"] = [CrashAfterSave(crash_at)]
     with pytest.raises(RuntimeError, match="simulated crash"):
         distill.run(distill.Config(**TINY_DISTILL), crashed)
     crashed.extra["callbacks"] = []
-    metrics = distill.run(distill.Config(**TINY_DISTILL), crashed)  # resumes from checkpoint-3
+    metrics = distill.run(distill.Config(**TINY_DISTILL), crashed)  # resumes from checkpoint-<crash_at>
     assert metrics["converted_accuracy"] is not None  # recorded by the first attempt
+    assert metrics["steps"] == TINY_DISTILL["max_steps"]
 
     a, b = load_file(str(straight.out_dir / "model.safetensors")), load_file(str(crashed.out_dir / "model.safetensors"))
     assert a.keys() == b.keys()

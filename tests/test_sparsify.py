@@ -314,6 +314,18 @@ def test_resume_after_a_crash_gives_the_same_student(tmp_path, distilled):
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
+    # killed after the LAST checkpoint, before the outputs: the re-run loads checkpoint-4 instead
+    # of taking a 5th step (HF Trainer resumed at max_steps would)
+    late = make_ctx(tmp_path / "c", "sparsify", distilled)
+    late.extra["callbacks"] = [CrashAfterSave(TINY_SPARSIFY["max_steps"])]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sparsify.run(sparsify.Config(**TINY_SPARSIFY), late)
+    late.extra["callbacks"] = []
+    assert sparsify.run(sparsify.Config(**TINY_SPARSIFY), late)["steps"] == TINY_SPARSIFY["max_steps"]
+    c = load_file(str(late.out_dir / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
+
     # the recipe changed the neurons since the checkpoint: refuse, naming the field
     shutil.rmtree(crashed.out_dir / "checkpoints" / "checkpoint-4")
     changed = {**TINY_SPARSIFY, "modules": {"in_proj": {"kind": "si_lif", "D": 2}}}
