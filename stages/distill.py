@@ -37,9 +37,8 @@ from stages.teacher import (
     build_training_args,
     check_vocab,
     collate_blocks,
-    finished_training,
-    load_checkpoint_weights,
     load_compute_teacher,
+    train_or_load,
 )
 
 
@@ -251,18 +250,11 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             *ctx.extra.get("callbacks", []),
         ],
     )
-    finished = finished_training(resume, trainer.args.max_steps)
-    if finished is not None:  # killed after the last checkpoint, before the outputs were written
-        ctx.logger.info("distill: %s already holds all %d steps: loading it instead of training", resume, trainer.args.max_steps)
-        load_checkpoint_weights(trainer.model, resume)
-        train_loss, steps = finished["train_loss"], finished["steps"]
-    else:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        train_loss, steps = result.training_loss, result.global_step
+    done = train_or_load(trainer, resume, ctx)
     spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
     trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
 
-    metrics: dict[str, Any] = {"train_loss": train_loss, "steps": steps}
+    metrics: dict[str, Any] = {"train_loss": done["train_loss"], "steps": done["steps"]}
     if not ctx.is_main_process:
         return metrics
     tokenizer.save_pretrained(ctx.out_dir)

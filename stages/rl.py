@@ -59,7 +59,7 @@ from rewards.energy import SpikeRateRegulariser
 from stages import tasks
 from stages.context import StageContext, StrictModel
 from stages.ppo import PPOConfig, PPOTrainer
-from stages.teacher import JsonLogCallback, check_vocab, finished_training, load_checkpoint_weights
+from stages.teacher import JsonLogCallback, check_vocab, load_checkpoint_weights, train_or_load
 
 try:  # PEFT is only needed for the optional LoRA
     import peft
@@ -466,15 +466,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             # the reference = the input model from its folder (with LoRA: the policy, adapter off)
             ref_model = None if cfg.lora is not None else load_policy(model_dir, ctx)
             trainer = trl.DPOTrainer(ref_model=ref_model, train_dataset=pairs, **common)
-        finished = finished_training(resume, args.max_steps)
-        if finished is not None:  # killed after the last checkpoint, before the outputs were written
-            ctx.logger.info("rl: %s already holds all %d steps: loading it instead of training", resume, args.max_steps)
-            load_rl_checkpoint(trainer.model, resume)
-            steps = finished["steps"]
-            history = json.loads((resume / "trainer_state.json").read_text()).get("log_history", [])
-        else:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-            steps, history = result.global_step, trainer.state.log_history
+        done = train_or_load(trainer, resume, ctx, load=load_rl_checkpoint)
+        steps, history = done["steps"], done["log_history"]
         policy = trainer.model
         if getattr(trainer, "spike_regulariser", None) is not None:
             trainer.spike_regulariser.close()

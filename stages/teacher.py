@@ -342,19 +342,30 @@ def train_causal_lm(model, tokenizer, corpus, cfg: Config, ctx: StageContext) ->
     if resume is not None:
         ctx.logger.info("%s: resuming from %s", ctx.stage, resume)
         warn_if_checkpoint_disagrees(resume, args, ctx)
-    finished = finished_training(resume, args.max_steps)
+    done = train_or_load(trainer, resume, ctx)
+    trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
+    return {"train_loss": done["train_loss"], "steps": done["steps"]}
+
+
+def train_or_load(trainer, resume: Path | None, ctx: StageContext, load=None) -> dict[str, Any]:
+    """Train (from `resume`, or from scratch), or load `resume` when it already holds every step.
+
+    Returns {"train_loss", "steps", "log_history"}. `load(model, checkpoint)` puts a checkpoint's
+    weights into the model (default: `load_checkpoint_weights`; rl passes its LoRA-aware loader).
+    """
+    finished = finished_training(resume, trainer.args.max_steps)
     if finished is not None:  # killed after the last checkpoint, before the outputs were written
-        ctx.logger.info("%s: %s already holds all %d steps: loading it instead of training", ctx.stage, resume, args.max_steps)
-        load_checkpoint_weights(trainer.model, resume)
-        trainer.save_model(str(ctx.out_dir))
+        ctx.logger.info(
+            "%s: %s already holds all %d steps: loading it instead of training", ctx.stage, resume, trainer.args.max_steps
+        )
+        (load or load_checkpoint_weights)(trainer.model, resume)
         return finished
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
-    return {"train_loss": result.training_loss, "steps": result.global_step}
+    return {"train_loss": result.training_loss, "steps": result.global_step, "log_history": trainer.state.log_history}
 
 
 def finished_training(checkpoint: Path | None, max_steps: int) -> dict[str, Any] | None:
-    """{train_loss, steps} if `checkpoint` already reached max_steps, else None.
+    """{train_loss, steps, log_history} if `checkpoint` already reached max_steps, else None.
 
     HF Trainer resumed from such a checkpoint still takes at least one more optimizer step (it
     checks the step budget only after a step), so a stage killed between its last checkpoint and
@@ -367,8 +378,13 @@ def finished_training(checkpoint: Path | None, max_steps: int) -> dict[str, Any]
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     if state.get("global_step", 0) < max_steps:
         return None
-    losses = [entry["loss"] for entry in state.get("log_history", []) if isinstance(entry.get("loss"), (int, float))]
-    return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "steps": state["global_step"]}
+    history = state.get("log_history", [])
+    losses = [entry["loss"] for entry in history if isinstance(entry.get("loss"), (int, float))]
+    return {
+        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "steps": state["global_step"],
+        "log_history": history,
+    }
 
 
 def load_checkpoint_weights(model, checkpoint: Path) -> None:
