@@ -262,7 +262,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     metrics["converted_accuracy"] = ctx.recorded_before_training().get("converted_accuracy")
     with tasks.zero3_switched_off():
         student = tasks.gathered(student, ctx.out_dir, _reload_student)
-        metrics.update(_evaluate(student, teacher, tokenizer, corpus, test_prompts, budget, cfg))
+        blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
+        compared, _ = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget, cfg.eval_batch_size)
+        metrics.update(compared)
     return metrics
 
 
@@ -270,31 +272,3 @@ def _reload_student(out_dir: Path) -> torch.nn.Module:
     whole = AutoModelForCausalLM.from_pretrained(out_dir)
     spiking.set_sgc_lambda(whole, 0.0)
     return whole
-
-
-@torch.no_grad()
-def _evaluate(student, teacher, tokenizer, corpus, test_prompts, budget: int, cfg: Config) -> dict[str, Any]:
-    """Held-out accuracy and perplexity of both models; firing rates and energy ratio on held-out blocks."""
-    student.eval()
-    blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
-    input_ids = torch.tensor(blocks["input_ids"], device=student.device)  # [eval_blocks, L]
-    report_t = spiking.estimate_energy(teacher, input_ids)
-    with spiking.count_spikes(student) as stats:
-        student(input_ids=input_ids)
-    report_s = spiking.estimate_energy(student, input_ids, stats=stats)
-    accuracy = {
-        name: tasks.exact_match_accuracy(model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size)
-        for name, model in (("student", student), ("teacher", teacher))
-    }
-    return {
-        "student_accuracy": accuracy["student"]["accuracy"],
-        "teacher_accuracy": accuracy["teacher"]["accuracy"],
-        "eval_samples": accuracy["student"]["n"],
-        "student_ppl": tasks.perplexity(student, blocks, cfg.eval_batch_size),
-        "teacher_ppl": tasks.perplexity(teacher, blocks, cfg.eval_batch_size),
-        "firing_rate": stats.firing_rate,
-        **{f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()},
-        "energy_pj_per_token_teacher": report_t.pj_per_token,
-        "energy_pj_per_token_student": report_s.pj_per_token,
-        "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,
-    }

@@ -552,7 +552,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     metrics.update(ctx.recorded_before_training())  # measured before training by the first attempt
     with tasks.zero3_switched_off():  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole student
         student = tasks.gathered(student, ctx.out_dir, spiking.SpikingMambaForCausalLM.from_pretrained)
-        metrics.update(_evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget, cfg))
+        compared, report_s = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget, cfg.eval_batch_size)
+        metrics.update(compared)
+        metrics.update({f"energy_share_student/{p}": share for p, share in energy_shares(report_s).items()})
     return metrics
 
 
@@ -586,31 +588,3 @@ def _accuracy(model, tokenizer, test_prompts, budget: int, cfg: Config) -> float
     return tasks.exact_match_accuracy(
         model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size
     )["accuracy"]
-
-
-@torch.no_grad()
-def _evaluate(student, teacher, tokenizer, blocks, held_out, test_prompts, budget: int, cfg: Config) -> dict[str, Any]:
-    """Held-out accuracy and perplexity of both models; firing rates and energy on held-out blocks."""
-    report_t, _ = measure(teacher, held_out)
-    report_s, rates = measure(student, held_out)
-    overall = (
-        sum(d["nonzero"] for d in rates.values()) / max(sum(d["elements"] for d in rates.values()), 1)
-        if rates else 0.0
-    )
-    accuracy = {
-        name: tasks.exact_match_accuracy(model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=cfg.eval_batch_size)
-        for name, model in (("student", student), ("teacher", teacher))
-    }
-    return {
-        "student_accuracy": accuracy["student"]["accuracy"],
-        "teacher_accuracy": accuracy["teacher"]["accuracy"],
-        "eval_samples": accuracy["student"]["n"],
-        "student_ppl": tasks.perplexity(student, blocks, cfg.eval_batch_size),
-        "teacher_ppl": tasks.perplexity(teacher, blocks, cfg.eval_batch_size),
-        "firing_rate": overall,
-        **{f"firing_rate/{p}": d["firing_rate"] for p, d in rates.items()},
-        **{f"energy_share_student/{p}": s for p, s in energy_shares(report_s).items()},
-        "energy_pj_per_token_teacher": report_t.pj_per_token,
-        "energy_pj_per_token_student": report_s.pj_per_token,
-        "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,
-    }

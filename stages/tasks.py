@@ -1,4 +1,4 @@
-"""Task metrics shared by the teacher, distill, rl and eval stages.
+"""Task metrics shared by the teacher, distill, sparsify, rl and eval stages.
 
 * `exact_match_accuracy`: greedy-decode each prompt of a `prompt, answer` dataset (the data
   stage's `prompts/` splits) and count completions equal to the reference answer.
@@ -7,6 +7,8 @@
 
 Both take any causal LM with the HF API (`model(input_ids, attention_mask).logits`,
 `model.generate`): transformers' `MambaForCausalLM` and the project's spiking model alike.
+* `compare_with_teacher`: both plus firing rates and energy, a trained student beside its teacher.
+* `zero3_switched_off` / `gathered`: rank 0 evaluating alone after a DeepSpeed ZeRO-3 stage.
 
     from stages.tasks import exact_match_accuracy
     exact_match_accuracy(model, tokenizer, load_from_disk("runs/tiny/data/prompts")["test"])
@@ -15,13 +17,14 @@ Both take any causal LM with the HF API (`model(input_ids, attention_mask).logit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import spiking
 
 
 def normalize_answer(text: str) -> str:
@@ -154,6 +157,39 @@ def perplexity(model, corpus_ds, batch_size: int = 16, limit: int | None = None)
             total_loss += loss.item()
             total_tokens += targets.numel()
     return math.exp(total_loss / total_tokens)
+
+
+@torch.no_grad()
+def compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget: int, batch_size: int):
+    """A trained student beside its teacher (rank 0, end of distill / sparsify) -> (metrics, student's EnergyReport).
+
+    Greedy accuracy of both on `test_prompts`; perplexity of both, the student's firing rates
+    (overall and per placement) and energy per token of both on the same held-out `blocks`
+    (`input_ids` [n, L]); energy_ratio = teacher's pJ per token / the student's.
+    """
+    student.eval()
+    input_ids = torch.tensor(blocks["input_ids"], device=student.device)  # [n, L]
+    report_t = spiking.estimate_energy(teacher, input_ids)
+    with spiking.count_spikes(student) as stats:
+        student(input_ids=input_ids)
+    report_s = spiking.estimate_energy(student, input_ids, stats=stats)
+    accuracy = {
+        name: exact_match_accuracy(model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=batch_size)
+        for name, model in (("student", student), ("teacher", teacher))
+    }
+    metrics = {
+        "student_accuracy": accuracy["student"]["accuracy"],
+        "teacher_accuracy": accuracy["teacher"]["accuracy"],
+        "eval_samples": accuracy["student"]["n"],
+        "student_ppl": perplexity(student, blocks, batch_size),
+        "teacher_ppl": perplexity(teacher, blocks, batch_size),
+        "firing_rate": stats.firing_rate,
+        **{f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()},
+        "energy_pj_per_token_teacher": report_t.pj_per_token,
+        "energy_pj_per_token_student": report_s.pj_per_token,
+        "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,
+    }
+    return metrics, report_s
 
 
 # ------------------------------------------------------------------ rank 0 after a ZeRO-3 stage
