@@ -20,6 +20,7 @@ Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -141,18 +142,52 @@ def distillation_loss(
     return {"loss": total, "kl": kl.detach(), "hidden_mse": hidden.detach(), "ce": ce.detach()}
 
 
-class DistillTrainer(Trainer):
-    """HF Trainer whose loss is the distillation loss against a frozen teacher."""
+class TeacherStudentTrainer(Trainer):
+    """HF Trainer against a frozen teacher (distill, sparsify): logs the loss terms averaged since the
+    last log, the firing rate per placement of the last counted step, and the SGC λ.
+
+    Subclasses write `compute_loss` and call `counting(model)` and `record(terms, names, stats)`.
+    """
 
     # compute_loss returns a per-micro-batch mean: let training_step divide by the accumulation steps
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, teacher: torch.nn.Module, loss_cfg: LossConfig, sgc: SGCConfig | Literal[False], **kwargs):
+    def __init__(self, *args, teacher: torch.nn.Module, sgc: SGCConfig | Literal[False], **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher, self.loss_cfg, self.sgc = teacher, loss_cfg, sgc
+        self.teacher, self.sgc = teacher, sgc
         self._sums: dict[str, float] = {}
         self._count = 0
         self._rates: dict[str, float] = {}  # firing rate per placement, from the last counted step
+
+    def counting(self, model) -> bool:
+        """Count spikes on this step? Only on logging steps: the hot path pays nothing otherwise."""
+        return model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
+
+    def record(self, model, terms: dict[str, torch.Tensor], names: Sequence[str], stats: spiking.SpikeStats | None) -> None:
+        if not model.training:
+            return
+        for name in names:
+            self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
+        self._count += 1
+        if stats is not None:
+            self._rates = {f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._count and "loss" in logs:
+            for name, total in self._sums.items():
+                logs[name] = round(total / self._count, 6)
+            logs.update(self._rates)
+            logs["sgc_lambda"] = sgc_lambda(self.state.global_step, self.state.max_steps, self.sgc)
+            self._sums, self._count = {}, 0
+        super().log(logs, start_time)
+
+
+class DistillTrainer(TeacherStudentTrainer):
+    """HF Trainer whose loss is the distillation loss against a frozen teacher."""
+
+    def __init__(self, *args, loss_cfg: LossConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = loss_cfg
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         want_hidden = self.loss_cfg.hidden > 0
@@ -160,8 +195,7 @@ class DistillTrainer(Trainer):
         batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             t_out = self.teacher(**batch, output_hidden_states=want_hidden)
-        # count spikes only on logging steps: the hot path pays nothing otherwise
-        counting = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
+        counting, stats = self.counting(model), None
         student = self.accelerator.unwrap_model(model)
         if counting:
             with spiking.count_spikes(student) as stats:
@@ -178,22 +212,8 @@ class DistillTrainer(Trainer):
             labels,
             self.loss_cfg,
         )
-        if model.training:
-            for name in ("kl", "hidden_mse", "ce"):
-                self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
-            self._count += 1
-            if counting:
-                self._rates = {f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()}
+        self.record(model, terms, ("kl", "hidden_mse", "ce"), stats)
         return (terms["loss"], s_out) if return_outputs else terms["loss"]
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._count and "loss" in logs:
-            for name, total in self._sums.items():
-                logs[name] = round(total / self._count, 6)
-            logs.update(self._rates)
-            logs["sgc_lambda"] = sgc_lambda(self.state.global_step, self.state.max_steps, self.sgc)
-            self._sums, self._count = {}, 0
-        super().log(logs, start_time)
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:

@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from datasets import load_from_disk
 from pydantic import Field, field_validator, model_validator
-from transformers import AutoTokenizer, Trainer
+from transformers import AutoTokenizer
 
 import spiking
 from spiking.modeling import MLP_PLACEMENTS, PLACEMENTS
 from stages import tasks
 from stages.context import StageContext, StrictModel
-from stages.distill import SGCConfig, SGCSchedule, sgc_lambda
+from stages.distill import SGCConfig, SGCSchedule, TeacherStudentTrainer
 from stages.teacher import (
     JsonLogCallback,
     TrainerKnobs,
@@ -336,19 +336,13 @@ def sbds_loss(
     }
 
 
-class SparsifyTrainer(Trainer):
+class SparsifyTrainer(TeacherStudentTrainer):
     """HF Trainer whose loss is SBDS against a frozen teacher."""
 
-    # compute_loss returns a per-micro-batch mean: let training_step divide by the accumulation steps
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, teacher: torch.nn.Module, sbds: SBDSConfig, sgc: SGCConfig | Literal[False], **kwargs):
+    def __init__(self, *args, sbds: SBDSConfig, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher, self.sbds, self.sgc = teacher, sbds, sgc
+        self.sbds = sbds
         self.features = self.sbds.features if self.sbds.gamma > 0 else None
-        self._sums: dict[str, float] = {}
-        self._count = 0
-        self._rates: dict[str, float] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
@@ -356,28 +350,15 @@ class SparsifyTrainer(Trainer):
             t_logits, t_features = forward_with_features(self.teacher, batch, self.features)
         student = self.accelerator.unwrap_model(model)
         steps = spike_steps(student)
-        # count spikes (of the plain forward) only on logging steps: the hot path pays nothing otherwise
-        counting = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
-        outputs, stats = student_step_outputs(model, batch, self.sbds, self.features, steps, student if counting else None)
+        # spikes of the plain (last-step) forward, on logging steps only
+        outputs, stats = student_step_outputs(
+            model, batch, self.sbds, self.features, steps, student if self.counting(model) else None
+        )
         terms = sbds_loss(
             [o[0] for o in outputs], t_logits, [o[1] for o in outputs], t_features, self.sbds, inputs.get("labels")
         )
-        if model.training:
-            for name in ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"):
-                self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
-            self._count += 1
-            if counting:
-                self._rates = {f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()}
+        self.record(model, terms, ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"), stats)
         return (terms["loss"], {"logits": outputs[-1][0]}) if return_outputs else terms["loss"]
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._count and "loss" in logs:
-            for name, total in self._sums.items():
-                logs[name] = round(total / self._count, 6)
-            logs.update(self._rates)
-            logs["sgc_lambda"] = sgc_lambda(self.state.global_step, self.state.max_steps, self.sgc)
-            self._sums, self._count = {}, 0
-        super().log(logs, start_time)
 
 
 # ------------------------------------------------------------------------------ module report
