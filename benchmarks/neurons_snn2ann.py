@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -66,7 +67,7 @@ class NeuronMLP(nn.Module):
         self.neurons = nn.ModuleList(make_neuron(spec, channels) for _ in range(layers))
         for neuron in self.neurons:
             with torch.no_grad():
-                neuron._log_threshold().fill_(-1.0)  # V ≈ 0.37: activations ~N(0, 1) fire a lot
+                neuron.set_threshold_(torch.full((channels,), math.exp(-1.0)))  # V ≈ 0.37: activations ~N(0, 1) fire a lot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C] -> [B, C]
         if self.form == "micro_events":

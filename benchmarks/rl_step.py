@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import platform
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import trl
@@ -98,7 +96,7 @@ def time_setting(run: Path, reward_spec, energy_penalty: str, args, out_dir: Pat
     model_dir = run / "sparsify" if (run / "sparsify" / "model.safetensors").is_file() else run / "distill"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = load_from_disk(str(run / "data" / "prompts"))
-    policy = rl.load_policy(model_dir, SimpleNamespace(logger=logging.getLogger("rl_step")))  # it reads ctx.logger only
+    policy = rl.load_policy(model_dir)
     budget = tasks.answer_token_budget(tokenizer, prompts["test"]["answer"])
     timers = Timers()
     funcs, weights = rewards.build_rewards(reward_spec, policy=policy, tokenizer=tokenizer)

@@ -10,7 +10,11 @@ complete one.
      started, finished, versions: {torch, transformers, ...}, git_commit}
 
 `fingerprint` = sha256 of (stage config, upstream fingerprints, the recipe's `model` section and
-`run.seed`, sha256 of the stage's source file). Same fingerprint = same inputs = nothing to redo.
+`run.seed`, the code the stage runs). The code is every project module the stage imports,
+transitively, within pipeline/, stages/, spiking/ and rewards/ (`code_files`): each file's bytes
+are hashed, so any edit to one of them, a comment too, makes the stage and every stage after it
+stale. Same fingerprint = same inputs = nothing to redo. The manifest keeps the per-file hashes
+(`code`), so `spikerl status` can say which file changed.
 `output_id` is fresh for every attempt: a downstream manifest records the `output_id`s it was
 built from, so re-running an upstream stage (`--only teacher`) makes everything after it stale
 even though no config changed.
@@ -21,6 +25,7 @@ writing the same folder; a lock left by a dead process on this host is taken ove
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -49,9 +54,77 @@ log = logging.getLogger("spikerl")
 # Fingerprints
 
 
-def code_version(module: ModuleType) -> str:
-    """sha256 of the stage module's source file: editing the stage re-runs it."""
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("pipeline", "stages", "spiking", "rewards")  # the code whose edits re-run stages
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of project module `name` (`spiking.neurons` -> spiking/neurons.py), or None."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Module names `path` imports anywhere (function bodies too: lazy imports run as well).
+
+    `from a.b import c` yields a.b and a.b.c (c may be a submodule); relative imports are resolved
+    against `package`; importing a.b.c also runs a and a.b, so they count too.
+    """
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return {".".join(name.split(".")[:i]) for name in names for i in range(1, name.count(".") + 2)}
+
+
+def code_files(module: ModuleType) -> list[Path]:
+    """The stage module's file and every project file it imports, transitively (sorted)."""
+    start = Path(module.__file__).resolve()
+    seen: dict[Path, str] = {}
+    todo = [(start, module.__name__ if start.name != "__init__.py" else module.__name__ + ".__init__")]
+    while todo:
+        path, name = todo.pop()
+        if path in seen:
+            continue
+        seen[path] = name
+        package = name.rpartition(".")[0] if path.name != "__init__.py" else name.removesuffix(".__init__")
+        for imported in _imported_modules(path, package):
+            found = _module_file(imported)
+            if found is not None and found not in seen:
+                todo.append((found, imported if found.name != "__init__.py" else imported + ".__init__"))
+    return sorted(seen)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:  # a stage module outside the project (tests' stand-in stages)
+        return path.name
+
+
+def code_version(module: ModuleType) -> dict[str, str]:
+    """{project-relative path: sha256 of its bytes} of the code the stage runs (`code_files`)."""
+    return {_relative(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in code_files(module)}
+
+
+def changed_code(old: dict[str, str] | str | None, new: dict[str, str]) -> list[str]:
+    """The files whose hash differs between two `code_version`s (added and removed files too)."""
+    if not isinstance(old, dict):  # a manifest from before per-file hashes: say the stage file
+        return sorted(new)
+    return sorted(path for path in {*old, *new} if old.get(path) != new.get(path))
 
 
 def fingerprint(
@@ -60,7 +133,7 @@ def fingerprint(
     upstream: dict[str, str],
     model: dict[str, Any],
     seed: int,
-    code: str,
+    code: dict[str, str],
 ) -> str:
     """sha256 of everything that decides a stage's outputs (canonical JSON, keys sorted)."""
     payload = {"stage": stage, "config": config, "upstream": upstream, "model": model, "seed": seed, "code": code}

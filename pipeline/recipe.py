@@ -33,19 +33,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model
 
+import stages
 from pipeline import UserError
 from stages.context import ModelConfig, StrictModel
 
-# Stage name -> module, in pipeline order. The only stage registry: adding a stage is one line here
-# plus its file. Entries whose module does not exist yet are fine until a recipe names them.
-STAGES: dict[str, str] = {
-    "data": "stages.data",
-    "teacher": "stages.teacher",
-    "distill": "stages.distill",
-    "sparsify": "stages.sparsify",
-    "rl": "stages.rl",
-    "eval": "stages.evaluate",
-}
+# Stage name -> module, in pipeline order (the one list, stages.STAGES; tests swap this name).
+STAGES: dict[str, str] = dict(stages.STAGES)
 
 
 class RecipeError(UserError):
@@ -176,17 +169,68 @@ def _stage_modules(names: list[str], path: Path) -> dict[str, ModuleType]:
     return modules
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently: a recipe would run with a setting its author did not see)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)  # merge keys (<<) first: overriding a merged key is allowed
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+            )
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """` at line 4, column 3: found the key 'data' twice (while reading a mapping)` from a YAML error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    if problem is None:
+        return f"{where}: {' '.join(str(err).split())}"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The recipe file as a dict; any problem reading it (missing, unreadable, not UTF-8, not YAML,
+    a key twice, not a mapping) is a RecipeError naming the file, with the line where YAML says."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a BOM from a Windows editor is fine
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, offset {err.start}); "
+            "save the recipe as UTF-8"
+        ) from None
+    loader = _UniqueKeyLoader(text)  # what yaml.safe_load does, with the duplicate-key check
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raise RecipeError(f"{path}: not valid YAML{_yaml_problem(err)}") from None
+    finally:
+        loader.dispose()
     if raw is None:
         raise RecipeError(f"{path}: the recipe is empty (it needs at least a `stages:` section)")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with run / model / stages sections, got {type(raw).__name__}")
+    non_text = [key for key in raw if not isinstance(key, str)]
+    if non_text:
+        raise RecipeError(f"{path}: top-level key {non_text[0]!r} is not a name (expected run, model, stages)")
     return raw
 
 

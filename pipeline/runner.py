@@ -31,7 +31,7 @@ checked against their manifests (sizes, safetensors headers), and so is the chec
 interrupted stage would resume from. A problem is a UserError naming the file or field, and the
 run folder stays as it was.
 
-Every stage also gets `StopOnNonFiniteLoss` (stages/teacher.py) in `ctx.extra["callbacks"]`: a
+Every stage also gets `StopOnNonFiniteLoss` (stages/training.py) in `ctx.extra["callbacks"]`: a
 Trainer whose loss turns nan stops at that step, before the optimizer step, keeping the last
 good checkpoint.
 
@@ -43,6 +43,7 @@ after each stage.
 
 from __future__ import annotations
 
+import enum
 import logging
 import resource
 import shutil
@@ -58,6 +59,7 @@ from pipeline import UserError
 from pipeline.manifest import (
     ATTEMPT,
     RunLock,
+    changed_code,
     check_output_file,
     code_version,
     fingerprint,
@@ -72,7 +74,7 @@ from pipeline.manifest import (
 )
 import pipeline.recipe
 from pipeline.recipe import Recipe
-from stages.context import StageContext
+from stages.context import StageContext, check_local_paths
 
 log = logging.getLogger("spikerl")
 
@@ -81,13 +83,27 @@ log = logging.getLogger("spikerl")
 # Where each stage stands (read-only: used by `run` to plan and by `status` to report)
 
 
+class Status(str, enum.Enum):
+    """Where a stage of the recipe stands on disk (the `state` column of `spikerl status`)."""
+
+    DONE = "done"  # manifest with today's fingerprint, built from today's upstream outputs
+    STALE = "stale"  # manifest, but the config, code, model section, seed or upstream changed
+    INTERRUPTED = "interrupted"  # folder without a manifest: an attempt was killed or failed
+    PENDING = "pending"  # no folder yet
+    NOT_IN_RECIPE = "not in recipe"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class StageState:
     name: str
-    state: str  # done | stale | interrupted | pending | not in recipe
+    state: Status
     fingerprint: str | None  # what the recipe asks for now (None: stage not in the recipe)
     manifest: dict[str, Any] | None  # what is on disk
     why: str = ""  # for stale / interrupted: what changed, in words
+    resumable: bool = False  # interrupted, and its checkpoints were made with today's inputs
 
     @property
     def fingerprint_matches(self) -> bool | None:
@@ -120,47 +136,50 @@ def inspect_run(recipe: Recipe) -> dict[str, StageState]:
         stage_dir = recipe.run_dir / name
         manifest = read_manifest(stage_dir)
         if name not in recipe.stages:
-            states[name] = StageState(name, "not in recipe", None, manifest)
+            states[name] = StageState(name, Status.NOT_IN_RECIPE, None, manifest)
             continue
-        state = StageState(name, "pending", fingerprints[name], manifest)
+        state = StageState(name, Status.PENDING, fingerprints[name], manifest)
         if manifest is not None:
             if manifest.get("fingerprint") != fingerprints[name]:
-                state.state, state.why = "stale", _what_changed(manifest, recipe, name, fingerprints)
+                state.state, state.why = Status.STALE, _what_changed(manifest, recipe, name, fingerprints)
             elif manifest.get("upstream_outputs") != current_outputs:
-                state.state, state.why = "stale", "an upstream stage re-ran since"
+                state.state, state.why = Status.STALE, "an upstream stage re-ran since"
             else:
-                state.state = "done"
+                state.state = Status.DONE
         elif stage_dir.is_dir():
-            same_attempt = read_json(stage_dir / ATTEMPT) == {
+            state.state = Status.INTERRUPTED
+            state.resumable = read_json(stage_dir / ATTEMPT) == {
                 "fingerprint": fingerprints[name], "upstream_outputs": dict(current_outputs)
             }
-            state.state = "interrupted"
-            state.why = "no manifest; " + ("resumes" if same_attempt else "made with other inputs: restarts clean")
-        current_outputs[name] = manifest.get("output_id") if state.state == "done" else None
+            state.why = "no manifest; " + ("resumes" if state.resumable else "made with other inputs: restarts clean")
+        current_outputs[name] = manifest.get("output_id") if state.state is Status.DONE else None
         states[name] = state
     return states
 
 
 def _what_changed(manifest: dict[str, Any], recipe: Recipe, name: str, fingerprints: dict[str, str]) -> str:
-    """Why a manifest's fingerprint differs, in words ("max_steps 30 -> 20")."""
+    """Why a manifest's fingerprint differs, in words: every reason, most specific first
+    ("stages.teacher changed: max_steps 30 -> 20; the code changed: spiking/neurons.py")."""
+    reasons = []
     config = recipe.stages[name].model_dump(mode="json")
     old = manifest.get("config") or {}
     changed = [f"{key} {old.get(key)!r} -> {config.get(key)!r}" for key in config if old.get(key) != config.get(key)]
     if changed:
-        return f"stages.{name} changed: " + ", ".join(changed)
+        reasons.append(f"stages.{name} changed: " + ", ".join(changed))
+    files = changed_code(manifest.get("code_version"), code_version(recipe.modules[name]))
+    if files:
+        reasons.append("the code changed: " + ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else ""))
+    if manifest.get("model") != recipe.model.model_dump(mode="json"):
+        reasons.append("the model section changed")
+    if manifest.get("seed") != recipe.run.seed:
+        reasons.append(f"run.seed changed ({manifest.get('seed')} -> {recipe.run.seed})")
     names = list(fingerprints)
     expected_upstream = {up: fingerprints[up] for up in names[: names.index(name)]}
     old_upstream = manifest.get("upstream") or {}
     upstream = [up for up in {**old_upstream, **expected_upstream} if old_upstream.get(up) != expected_upstream.get(up)]
     if upstream:
-        return "upstream changed: " + ", ".join(upstream)
-    if manifest.get("code_version") != code_version(recipe.modules[name]):
-        return f"the code of {recipe.modules[name].__name__} changed"
-    if manifest.get("model") != recipe.model.model_dump(mode="json"):
-        return "the model section changed"
-    if manifest.get("seed") != recipe.run.seed:
-        return f"run.seed changed ({manifest.get('seed')} -> {recipe.run.seed})"
-    return "fingerprint differs"
+        reasons.append("upstream changed: " + ", ".join(upstream))
+    return "; ".join(reasons) or "fingerprint differs"
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +205,7 @@ def make_plan(
     an unfinished upstream."""
     names = list(recipe.stages)
     if only is not None:
-        unfinished = [f"{n} ({states[n].state})" for n in names[: names.index(only)] if states[n].state != "done"]
+        unfinished = [f"{n} ({states[n].state})" for n in names[: names.index(only)] if states[n].state is not Status.DONE]
         if unfinished:
             raise UserError(
                 f"--only {only}: the stages before it must be done and up to date, but these are not: "
@@ -204,8 +223,8 @@ def make_plan(
             step = Step(name, True, f"forced by --from {from_stage}", fresh=True)
         elif upstream_runs:
             step = Step(name, True, "an upstream stage re-runs")
-        elif state.state != "done":
-            step = Step(name, True, state.state + (f": {state.why}" if state.why else ""))
+        elif state.state is not Status.DONE:
+            step = Step(name, True, state.state.value + (f": {state.why}" if state.why else ""))
         else:
             step = Step(name, False, "done")
         upstream_runs |= step.run
@@ -285,17 +304,21 @@ def run_recipe(
             log.info("run %s finished: %s", recipe.run.name, ", ".join(f"{k} {v}" for k, v in actions.items()))
         finally:
             lock.release()
+    _close_process_group()
     return actions
 
 
-def _forget_deepspeed_config() -> None:
-    """Drop the DeepSpeed config a stage's Trainer registered with transformers (a module global):
-    left live, ZeRO-3 would shard every model the next stage loads, before that stage asks for it."""
-    import sys
+def _close_process_group() -> None:
+    """End torch.distributed after a run that every rank finished (launchers start one per run).
 
-    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
-    if hf_deepspeed is not None:
-        hf_deepspeed.unset_hf_deepspeed_config()
+    Left to interpreter exit, the gloo / NCCL threads are torn down in no set order, and a rank
+    can abort (`terminate called without an active exception`) after all its work is saved.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears down while another still talks to it
+        torch.distributed.destroy_process_group()
 
 
 def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: bool = False) -> None:
@@ -314,21 +337,7 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: b
         _prepare_stage_dir(stage_dir, attempt, fresh)
     dist.wait_for_everyone()  # nobody reads the folder before rank 0 has wiped or kept it
 
-    ctx = StageContext(
-        stage=name,
-        run_dir=run_dir,
-        out_dir=stage_dir,
-        upstream={up: run_dir / up for up in upstream},
-        model=recipe.model,
-        seed=recipe.run.seed,
-        is_main_process=dist.is_main_process,
-        logger=logging.getLogger(f"spikerl.{name}"),
-        extra={
-            "process_index": dist.process_index,
-            "num_processes": dist.num_processes,
-            "callbacks": _guard_callbacks(name),
-        },
-    )
+    ctx = stage_context(recipe, name, dist)
     resume_from = ctx.last_checkpoint()
     if resume_from is not None:
         log.info("%s: resuming the interrupted attempt from %s", name, resume_from)
@@ -344,7 +353,11 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: b
         )
         raise
     finally:
-        _forget_deepspeed_config()
+        # a Trainer's DeepSpeed config is a transformers global: left live, ZeRO-3 would shard
+        # every model the next stage loads, before that stage asks for it
+        from stages.training import deepspeed_off
+
+        deepspeed_off()
     wall_s = time.perf_counter() - start
     dist = distributed_state()  # the stage's Trainer may have rebuilt it
     dist.wait_for_everyone()  # every rank has finished writing outputs
@@ -416,19 +429,20 @@ def preflight(recipe: Recipe, states: dict[str, StageState], plan: list[Step]) -
     last = names.index(running[-1].name)
     problems: list[str] = []
     for name in names[:last]:
-        if states[name].state == "done" and name not in {step.name for step in running}:
+        if states[name].state is Status.DONE and name not in {step.name for step in running}:
             problems += _damaged_outputs(recipe, name, states[name].manifest or {})
 
     upstream_runs = False
     for step in running:
-        ctx = _context(recipe, step.name)
+        ctx = stage_context(recipe, step.name)
         check = getattr(recipe.modules[step.name], "preflight", None)
         if check is not None:
             try:
                 check(recipe.stages[step.name], ctx)
             except (ValueError, OSError) as err:
                 problems.append(f"{recipe.path}: {err}")
-        resumes = states[step.name].why == "no manifest; resumes" and not step.fresh and not upstream_runs
+        problems += [f"{recipe.path}: {problem}" for problem in check_local_paths(recipe.stages[step.name], f"stages.{step.name}")]
+        resumes = states[step.name].resumable and not step.fresh and not upstream_runs
         if resumes:
             problems += _damaged_checkpoint(recipe, step.name, ctx)
         upstream_runs = True
@@ -436,9 +450,17 @@ def preflight(recipe: Recipe, states: dict[str, StageState], plan: list[Step]) -
         raise UserError("\n".join(problems))
 
 
-def _context(recipe: Recipe, name: str) -> StageContext:
-    """The context the stage will get (for preflight: folders may not exist yet)."""
+def stage_context(recipe: Recipe, name: str, dist: Any = None) -> StageContext:
+    """The context stage `name` gets: its folder, the upstream folders, the model section, the seed.
+
+    With `dist` (the running process's distributed state) it is the context the stage runs with:
+    rank, world size and the guard callbacks; without, the one preflight checks (folders may not
+    exist yet).
+    """
     names = list(recipe.stages)
+    extra: dict[str, Any] = {}
+    if dist is not None:
+        extra = {"process_index": dist.process_index, "num_processes": dist.num_processes, "callbacks": _guard_callbacks(name)}
     return StageContext(
         stage=name,
         run_dir=recipe.run_dir,
@@ -446,7 +468,9 @@ def _context(recipe: Recipe, name: str) -> StageContext:
         upstream={up: recipe.run_dir / up for up in names[: names.index(name)]},
         model=recipe.model,
         seed=recipe.run.seed,
+        is_main_process=True if dist is None else dist.is_main_process,
         logger=logging.getLogger(f"spikerl.{name}"),
+        extra=extra,
     )
 
 
@@ -483,7 +507,7 @@ def _damaged_checkpoint(recipe: Recipe, name: str, ctx: StageContext) -> list[st
 
 def _guard_callbacks(name: str) -> list[Any]:
     """TrainerCallbacks every stage's trainer gets (stages pass ctx.extra["callbacks"] on)."""
-    from stages.teacher import StopOnNonFiniteLoss  # imports transformers: only when a stage runs
+    from stages.training import StopOnNonFiniteLoss  # imports transformers: only when a stage runs
 
     return [StopOnNonFiniteLoss(name)]
 

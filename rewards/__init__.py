@@ -6,6 +6,7 @@ except `spike_energy`, which needs the policy and is built by `build_rewards` wi
     REWARDS      name → function: arith_exact, math_answer, format, length_penalty
     FACTORIES    name → maker taking the recipe's arguments (`{format: {pattern: "..."}}`)
     build_rewards(spec, policy=, tokenizer=) -> (functions, weights): what GRPO / RLOO / PPO take
+    score(functions, weights, prompts, completions, ...) -> (per reward [N, F], weighted sum [N])
 
 A recipe lists rewards with weights (TRL's `reward_weights`), in any of these forms:
 
@@ -29,6 +30,8 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import torch
 
 from .energy import SpikeEnergy, spikes_per_completion_token
 from .tasks import (
@@ -195,6 +198,34 @@ def build_rewards(spec, policy=None, tokenizer=None) -> tuple[list[RewardFunc], 
     return functions, weights
 
 
+def score(
+    reward_funcs: Sequence[RewardFunc],
+    reward_weights: Sequence[float],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    columns: Mapping[str, Sequence] | None = None,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call every reward as TRL does and combine them: (per reward [N, F] with NaN for None, total [N]).
+
+    total = Σ_f weight_f · reward_f, a None counting 0 (TRL's `nansum` convention). `columns` are
+    the dataset's other columns, one value per completion; `completion_ids` the sampled token ids.
+
+    >>> per, total = score([lambda completions, **kw: [1.0, None]], [0.5], ["a", "b"], ["x", "y"])
+    >>> total.tolist()
+    [0.5, 0.0]
+    """
+    kwargs = dict(columns or {})
+    if completion_ids is not None:
+        kwargs["completion_ids"] = completion_ids
+    per_func = torch.zeros(len(completions), len(reward_funcs))
+    for i, func in enumerate(reward_funcs):
+        values = func(prompts=list(prompts), completions=list(completions), **kwargs)
+        per_func[:, i] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+    total = (per_func * torch.tensor(list(reward_weights), dtype=torch.float32)).nansum(dim=1)
+    return per_func, total
+
+
 __all__ = [
     "FACTORIES",
     "NEEDS_POLICY",
@@ -212,5 +243,6 @@ __all__ = [
     "load_dotted",
     "math_answer",
     "parse_spec",
+    "score",
     "spikes_per_completion_token",
 ]

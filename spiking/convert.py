@@ -4,6 +4,7 @@
                            calibration_batches=[{"input_ids": ids, "attention_mask": mask}])
     calibrate(student, batches)      # thresholds from the teacher's activations (99.9th pct of |x|)
     teacher = to_hf_mamba(student)   # only for a neuron-free, MLP-free student
+    student = load_deployed("runs/tiny/distill")   # a saved student as deployed: SGC off, spikes on
 
 The student has the teacher's architecture and weights (same parameter names); neurons start
 uncalibrated until `calibrate` runs. Mamba2 teachers are not supported yet.
@@ -11,14 +12,17 @@ uncalibrated until `calibrate` runs. Mamba2 teachers are not supported yet.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from .modeling import SpikingMambaConfig, SpikingMambaForCausalLM
-from .neurons import iter_neurons
+from .neurons import iter_neurons, set_sgc_lambda
+
+logger = logging.getLogger(__name__)
 
 # Config keys that are bookkeeping, not architecture: never copied between config classes.
 _BOOKKEEPING_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"}
@@ -188,4 +192,20 @@ def to_hf_mamba(model: SpikingMambaForCausalLM) -> MambaForCausalLM:
     return hf_model.to(device=parameter.device, dtype=parameter.dtype)
 
 
-__all__ = ["calibrate", "from_teacher", "to_hf_mamba"]
+def load_deployed(folder: str | Path, **kwargs) -> torch.nn.Module:
+    """A saved student as it is deployed: SGC off (λ = 0), spikes on, eval mode.
+
+    `kwargs` go to `AutoModelForCausalLM.from_pretrained`. SGC's λ is a training-time setting that
+    is not saved, and `spiking: false` in a folder's config is a debugging switch: both are reset
+    here, so every stage measures and trains the same spike-driven model (a warning says when
+    spikes were off).
+    """
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    set_sgc_lambda(model, 0.0)
+    if getattr(model.config, "spiking", True) is False:
+        logger.warning("%s was saved with spiking=false; switching spikes on (the deployed model)", folder)
+        model.config.spiking = True
+    return model.eval()
+
+
+__all__ = ["calibrate", "from_teacher", "load_deployed", "to_hf_mamba"]

@@ -51,6 +51,7 @@ from torch import nn
 from spiking.neurons import SpikeStats, count_spikes, iter_neurons, neuron_placement
 
 __all__ = [
+    "MODULE_OPS",
     "CostTable",
     "COST_TABLES",
     "HOROWITZ_45NM",
@@ -62,10 +63,23 @@ __all__ = [
     "rms_norm_ops",
     "neuron_ops",
     "estimate_energy",
+    "energy_report",
     "energy_ratio",
+    "energy_shares",
+    "measure",
 ]
 
 MEMORY_NOTE = "memory access is not counted (compute only: MAC, AC and Mul operations)"
+
+# Neuron placement (module type) -> the ops of `_block_ops` its neuron feeds, plus the neuron itself:
+# what a spiking input at that placement turns from MACs into ACs.
+MODULE_OPS: dict[str, tuple[str, ...]] = {
+    "in_proj": ("in_proj", "in_proj.neuron"),
+    "x_proj": ("x_proj", "x_proj.neuron"),
+    "out_proj": ("out_proj", "out_proj.neuron"),
+    "mlp.up": ("mlp.gate_proj", "mlp.up_proj", "mlp.up.neuron"),
+    "mlp.down": ("mlp.down_proj", "mlp.down.neuron"),
+}
 
 
 @dataclass(frozen=True)
@@ -262,27 +276,46 @@ def _block_ops(block: nn.Module, spikes: dict[str, float], neuron_steps: dict[st
     return ops
 
 
-_KNOWN_PLACEMENTS = ("in_proj", "out_proj", "x_proj", "mlp.up", "mlp.down")
-
-
 def _count_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
     return int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
 
 
+def _forward_inputs(batch) -> dict:
+    """A batch (an input_ids tensor [B, L] or a dict with input_ids [, attention_mask]) as model kwargs."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
+
+
+def _is_spiking(model: nn.Module) -> bool:
+    """The model has neurons and runs them (config.spiking not switched off)."""
+    return any(True for _ in iter_neurons(model)) and bool(getattr(model.config, "spiking", True))
+
+
 @torch.no_grad()
-def _measure_spikes(model: nn.Module, input_ids, attention_mask) -> SpikeStats:
-    """Run the model once on the tokens in eval mode (no ATA update) inside count_spikes."""
-    was_training = model.training
-    model.eval()
-    try:
-        with count_spikes(model, attention_mask=attention_mask) as stats:
-            kwargs = {"input_ids": input_ids}
-            if attention_mask is not None:
-                kwargs["attention_mask"] = attention_mask
-            model(**kwargs)
-    finally:
-        model.train(was_training)
-    return stats
+def measure(model: nn.Module, batches, cost: CostTable = HOROWITZ_45NM) -> tuple[EnergyReport, SpikeStats | None]:
+    """Spike counts and energy per token of ``model`` on held-out tokens, as deployed (eval mode).
+
+    ``batches``: one ``input_ids [B, L]`` tensor, or a list of such tensors or of dicts with
+    ``input_ids`` and ``attention_mask`` (padding is then not counted). One forward per batch,
+    without a cache, inside one ``count_spikes`` tally; a dense model needs no forward and gets
+    ``None`` for the stats. Returns ``(EnergyReport, SpikeStats | None)``.
+    """
+    batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+    inputs = [_forward_inputs(batch) for batch in batches]
+    tokens = sum(_count_tokens(b["input_ids"], b.get("attention_mask")) for b in inputs)
+    stats = None
+    if _is_spiking(model):
+        was_training = model.training
+        model.eval()  # no dropout, no ATA threshold update
+        try:
+            with count_spikes(model) as stats:
+                for batch in inputs:
+                    stats.attention_mask = batch.get("attention_mask")
+                    model(**batch, use_cache=False)
+        finally:
+            model.train(was_training)
+    return energy_report(model, stats, tokens, cost), stats
 
 
 def estimate_energy(
@@ -299,6 +332,14 @@ def estimate_energy(
     the forward). Spiking models are measured as deployed: SGC bypasses are not counted, so a
     neuron with ``sgc_lambda != 0`` is listed in the notes.
     """
+    if stats is None and _is_spiking(model):
+        return measure(model, [{"input_ids": input_ids, "attention_mask": attention_mask}], cost)[0]
+    return energy_report(model, stats, _count_tokens(input_ids, attention_mask), cost)
+
+
+def energy_report(model: nn.Module, stats: SpikeStats | None, tokens: int, cost: CostTable = HOROWITZ_45NM) -> EnergyReport:
+    """The per-layer op counts of ``model``, its spiking layers costed from ``stats`` (the counts of
+    a forward over ``tokens`` tokens; None for a dense model)."""
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(backbone, "layers"):
         raise ValueError(
@@ -307,9 +348,8 @@ def estimate_energy(
         )
     notes = [MEMORY_NOTE, f"cost table {cost.describe()}"]
     neurons = list(iter_neurons(model))
-    runtime_spiking = bool(getattr(model.config, "spiking", True))
-    spiking = bool(neurons) and runtime_spiking
-    if neurons and not runtime_spiking:
+    spiking = _is_spiking(model)
+    if neurons and not spiking:
         notes.append("config.spiking is False: neurons are bypassed, every layer counted dense")
     lam_on = [name for name, n in neurons if n.sgc_lambda != 0]
     if lam_on and spiking:
@@ -317,10 +357,8 @@ def estimate_energy(
             f"{len(lam_on)} neurons have sgc_lambda != 0; counted as deployed (pure spiking, "
             "the SGC bypass is training-only and not counted)"
         )
-
     if spiking and stats is None:
-        stats = _measure_spikes(model, input_ids, attention_mask)
-    tokens = _count_tokens(input_ids, attention_mask)
+        raise ValueError("energy_report: a spiking model needs the spike counts of a forward over the tokens (use measure)")
 
     records = stats.by_name() if spiking else {}
     layers: list[LayerEnergy] = []
@@ -332,7 +370,7 @@ def estimate_energy(
             prefix = _module_name(model, block)
             for rel_name, neuron in iter_neurons(block):
                 placement = neuron_placement(rel_name)
-                if placement not in _KNOWN_PLACEMENTS:
+                if placement not in MODULE_OPS:
                     raise ValueError(f"neuron {rel_name!r} in layer {index}: unknown placement {placement!r}")
                 full = f"{prefix}.{rel_name}" if prefix else rel_name
                 rec = records.get(full)
@@ -341,7 +379,7 @@ def estimate_energy(
                         f"neuron {full!r} recorded no spikes during the forward: is it bypassed?"
                     )
                 spikes[placement] = rec["abs_sum"] / rec["tokens"]
-                neuron_steps[placement] = (neuron.channels, getattr(neuron, "T", getattr(neuron, "D", 1)))
+                neuron_steps[placement] = (neuron.channels, neuron.top_level)  # micro-steps: D or T
                 fr_nonzero += rec["nonzero"]
                 fr_elements += rec["elements"]
         layers.append(
@@ -386,3 +424,15 @@ def energy_ratio(
     e_teacher = estimate_energy(teacher, input_ids, attention_mask, cost).pj_per_token
     e_student = estimate_energy(student, input_ids, attention_mask, cost).pj_per_token
     return e_teacher / e_student
+
+
+def energy_shares(report: EnergyReport) -> dict[str, float]:
+    """Module type (placement) -> fraction of the model's energy per token spent in the ops it feeds
+    (MODULE_OPS), for every module type the model has."""
+    total = report.pj_per_token
+    shares = {}
+    for placement, ops in MODULE_OPS.items():
+        if any(ops[0] in layer.ops for layer in report.layers):
+            pj = sum(layer.ops[op].energy_pj(report.cost) for layer in report.layers for op in ops if op in layer.ops)
+            shares[placement] = pj / total
+    return shares

@@ -36,7 +36,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan, selective_state_update
-from .neurons import ATMN, SILIF, make_neuron
+from .neurons import ATMN, DEFAULT_D, NeuronSpec, make_neuron
 
 # Where a neuron may sit: the input of that linear layer. "mlp.*" need `mlp_intermediate_size`.
 MIXER_PLACEMENTS = ("in_proj", "x_proj", "out_proj")
@@ -44,9 +44,9 @@ MLP_PLACEMENTS = ("mlp.up", "mlp.down")
 PLACEMENTS = MIXER_PLACEMENTS + MLP_PLACEMENTS
 
 
-def default_neurons(D: int = 4, learnable: bool = True) -> dict[str, dict]:
+def default_neurons(D: int = DEFAULT_D, learnable: bool = True) -> dict[str, dict]:
     """The SpikingMamba paper's placement: SI-LIF with D levels on the inputs of in_proj and out_proj."""
-    spec = {"kind": "si_lif", "D": D, "learnable": learnable}
+    spec = NeuronSpec(kind="si_lif", D=D, learnable=learnable).to_config()
     return {"in_proj": dict(spec), "out_proj": dict(spec)}
 
 
@@ -85,6 +85,10 @@ class SpikingMambaConfig(MambaConfig):
                 raise ValueError(f"neurons: unknown placement {placement!r}; known: {list(PLACEMENTS)}")
             if not isinstance(spec, dict):
                 raise ValueError(f"neurons.{placement}: spec must be a dict, got {type(spec).__name__}")
+            try:
+                NeuronSpec.of(spec)  # a bad spec fails here, naming the placement, not at the first forward
+            except ValueError as error:
+                raise ValueError(f"neurons.{placement}: {error}") from error
             if placement in MLP_PLACEMENTS and self.mlp_intermediate_size is None:
                 raise ValueError(f"neurons: placement {placement!r} needs mlp_intermediate_size (no MLP otherwise)")
         if self.mlp_intermediate_size is not None and self.mlp_intermediate_size < 1:
@@ -192,7 +196,7 @@ class SpikingMambaMixer(nn.Module):
         if resolve_backend(self.config.scan_backend, device) != "triton":
             return None
         neuron = self.neurons["out_proj"]
-        if neuron._spike_recorders or (neuron.training and neuron.ata_momentum > 0):
+        if neuron.is_counting or (neuron.training and neuron.ata_momentum > 0):
             return None
         if isinstance(neuron, ATMN) and neuron.tau != 1.0:
             return None
@@ -262,10 +266,9 @@ class SpikingMambaMixer(nn.Module):
 
         # 5. output projection (neuron on its input)
         if fused_neuron is not None:
-            # one kernel: y·SiLU(z) -> neuron -> [B, L, D]; V through _threshold_for keeps LSQ's gradient scale
-            levels = fused_neuron.D if isinstance(fused_neuron, SILIF) else fused_neuron._steps_now()
+            # one kernel: y·SiLU(z) -> neuron -> [B, L, D]; V through threshold_for keeps LSQ's gradient scale
             spikes_in = gate_neuron(
-                y, gate, fused_neuron._threshold_for(y), fused_neuron.kind, levels, fused_neuron.sgc_lambda,
+                y, gate, fused_neuron.threshold_for(y), fused_neuron.kind, fused_neuron.levels(), fused_neuron.sgc_lambda,
                 out_dtype=dtype, backend=backend,
             )
             return self.out_proj(spikes_in)

@@ -42,16 +42,21 @@ import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Iterator, Literal, Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 from torch import nn
 
 __all__ = [
     "SILIF",
     "ATMN",
+    "DEFAULT_D",
+    "DEFAULT_T",
     "NEURON_KINDS",
+    "NeuronSpec",
     "make_neuron",
+    "inherit_threshold",
     "count_spikes",
     "SpikeStats",
     "set_sgc_lambda",
@@ -63,6 +68,8 @@ __all__ = [
     "abs_percentile",
 ]
 
+DEFAULT_D = 4  # SI-LIF levels per sign (SpikingMamba's choice); the one place this default lives
+DEFAULT_T = 4  # ATMN steps per token (MAR's choice)
 CALIBRATION_PERCENTILE = 0.999  # 99.9th percentile of |x| maps to the top spike level
 _LOG_THRESHOLD_BOUND = 30.0  # thresholds live in [e^-30, e^30]: positive and finite in fp32/bf16
 
@@ -373,7 +380,10 @@ class _SpikingNeuron(nn.Module):
             log_t = log_t.detach()  # frozen even where a reload turned requires_grad back on
         return log_t.clamp(-_LOG_THRESHOLD_BOUND, _LOG_THRESHOLD_BOUND).exp()
 
-    def _threshold_for(self, x: torch.Tensor) -> torch.Tensor:
+    def threshold_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The threshold ``[C]`` as this forward uses it on input ``x``: with LSQ's gradient scale
+        ``1/sqrt(n·top_level)`` when ``lsq_grad_scale`` (same value; only the gradient differs).
+        What a fused kernel must be given to train the threshold exactly like ``forward``."""
         V = self.threshold()
         if self.lsq_grad_scale:
             per_channel = max(x.numel() // self.channels, 1)
@@ -388,10 +398,24 @@ class _SpikingNeuron(nn.Module):
         """
         if x.shape[-1] != self.channels:
             raise ValueError(f"calibration x has {x.shape[-1]} channels, neuron has {self.channels}")
-        V = _threshold_from_percentile(x, self.top_level)
+        self.set_threshold_(_threshold_from_percentile(x, self.top_level))
+
+    @torch.no_grad()
+    def set_threshold_(self, V: torch.Tensor) -> None:
+        """Set the per-channel threshold to ``V [C]`` (> 0) and mark the neuron calibrated."""
         log_t = self._log_threshold()
-        log_t.copy_(V.log().to(log_t.dtype))
+        log_t.copy_(V.float().log().to(log_t.dtype))
         self.calibrated.fill_(True)
+
+    @property
+    def is_counting(self) -> bool:
+        """True inside a ``count_spikes`` block over this neuron (its forward then records spikes)."""
+        return bool(self._spike_recorders)
+
+    def levels(self) -> int:
+        """The largest spike count this forward can emit per element: D (SI-LIF), or the ATMN steps
+        that run now (T, or SBDS's ``active_steps``)."""
+        return self.top_level
 
     @torch.no_grad()
     def _ata_update(self, x: torch.Tensor) -> None:
@@ -444,7 +468,7 @@ class SILIF(_SpikingNeuron):
     def __init__(
         self,
         channels: int,
-        D: int = 4,
+        D: int = DEFAULT_D,
         learnable: bool = True,
         ata_momentum: float = 0.0,
         lsq_grad_scale: bool = True,
@@ -465,7 +489,7 @@ class SILIF(_SpikingNeuron):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., C] -> y [..., C]``, closed form (one pass)."""
         self._pre_forward(x)
-        y, s = si_lif(x, self._threshold_for(x), self.D)
+        y, s = si_lif(x, self.threshold_for(x), self.D)
         if self._spike_recorders:
             self._record(s.abs(), s != 0, steps=1)
         return self._mix(y, x)
@@ -481,7 +505,7 @@ class SILIF(_SpikingNeuron):
         Always the deployed (pure spiking) neuron: SGC is training-only and is not applied.
         Differentiable through the D micro-steps (surrogate gradients).
         """
-        y, _ = si_lif_simulate(x, self._threshold_for(x), self.D)
+        y, _ = si_lif_simulate(x, self.threshold_for(x), self.D)
         return y
 
     def simulate_steps(self, x: torch.Tensor) -> torch.Tensor:
@@ -490,7 +514,7 @@ class SILIF(_SpikingNeuron):
         What a spike-driven next layer consumes event by event; summing over the steps gives
         ``simulate(x)`` up to float rounding of the sum.
         """
-        V = self._threshold_for(x)
+        V = self.threshold_for(x)
         u = x / V
         v = u.abs() + 0.5
         sign = torch.sign(u).detach()
@@ -528,7 +552,7 @@ class ATMN(_SpikingNeuron):
     def __init__(
         self,
         channels: int,
-        T: int = 4,
+        T: int = DEFAULT_T,
         tau: float = 1.0,
         learnable: bool = True,
         ata_momentum: float = 0.0,
@@ -548,7 +572,7 @@ class ATMN(_SpikingNeuron):
     def _log_threshold(self) -> nn.Parameter:
         return self.a
 
-    def _steps_now(self) -> int:
+    def levels(self) -> int:
         """Steps the forward runs: T, or the first ``active_steps`` of them (SBDS's q_t)."""
         if self.active_steps is None:
             return self.T
@@ -568,8 +592,8 @@ class ATMN(_SpikingNeuron):
         entry k-1 of ``step_outputs`` (the first k steps of a T-step train do not depend on T).
         """
         self._pre_forward(x)
-        V_th = self._threshold_for(x)
-        steps = self._steps_now()
+        V_th = self.threshold_for(x)
+        steps = self.levels()
         if self.tau == 1.0:
             y, c = atmn_closed_form(x, V_th, steps)
             if self._spike_recorders:
@@ -591,7 +615,7 @@ class ATMN(_SpikingNeuron):
         update and no spike counting here (``forward`` does both).
         """
         self._check_channels(x)
-        V_th = self._threshold_for(x)
+        V_th = self.threshold_for(x)
         if self.tau == 1.0:
             partial = torch.stack([atmn_closed_form(x, V_th, t + 1)[0] for t in range(self.T)])
         else:
@@ -615,12 +639,12 @@ class ATMN(_SpikingNeuron):
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """The T-step loop ``x [..., C] -> y [..., C]``; equals ``forward`` when sgc_lambda == 0."""
-        partial_y, _ = atmn_steps(x, self._threshold_for(x), self.T, self.tau)
+        partial_y, _ = atmn_steps(x, self.threshold_for(x), self.T, self.tau)
         return partial_y[-1]
 
     def simulate_steps(self, x: torch.Tensor) -> torch.Tensor:
         """Per-step output events ``[T, ..., C]`` (``s_t·V_th``), differentiable."""
-        partial_y, _ = atmn_steps(x, self._threshold_for(x), self.T, self.tau)
+        partial_y, _ = atmn_steps(x, self.threshold_for(x), self.T, self.tau)
         return torch.cat([partial_y[:1], partial_y[1:] - partial_y[:-1]])
 
     @torch.no_grad()
@@ -634,32 +658,112 @@ class ATMN(_SpikingNeuron):
 
 
 NEURON_KINDS: dict[str, type[_SpikingNeuron]] = {"si_lif": SILIF, "atmn": ATMN}
-
-_SPEC_KEYS = {
-    "si_lif": {"kind", "D", "learnable", "ata_momentum", "lsq_grad_scale"},
-    "atmn": {"kind", "T", "tau", "learnable", "ata_momentum", "lsq_grad_scale"},
-}
+_KIND_FIELDS = {"si_lif": ("D",), "atmn": ("T", "tau")}  # the fields that apply to one kind only
 
 
-def make_neuron(spec: Mapping, channels: int) -> nn.Module:
-    """Build a neuron from a spec such as ``{"kind": "si_lif", "D": 4, "learnable": True}``.
+class NeuronSpec(BaseModel):
+    """One neuron: its kind and settings. The typed form of ``config.neurons[placement]``.
+
+    Recipes build it (``stages.distill.neuron``, ``stages.sparsify.modules``); the model config
+    stores ``spec.to_config()`` (a plain dict, JSON in config.json) and ``make_neuron`` reads it
+    back through this class, so every default lives here. A field of the other kind (``D`` for
+    atmn, ``T`` / ``tau`` for si_lif) is refused unless it is None (a dumped spec has them as None).
+
+    >>> NeuronSpec(kind="atmn").to_config()
+    {'kind': 'atmn', 'T': 4, 'tau': 1.0, 'learnable': True, 'lsq_grad_scale': True, 'ata_momentum': 0.0}
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["si_lif", "atmn"] = Field("si_lif", description="si_lif: signed integer spikes; atmn: ternary multi-step")
+    D: StrictInt | None = Field(None, ge=1, description=f"si_lif levels per sign (None: {DEFAULT_D}): more = closer to dense, more spikes")
+    T: StrictInt | None = Field(None, ge=1, description=f"atmn steps per token (None: {DEFAULT_T}): more = finer output, more spikes")
+    tau: StrictFloat | StrictInt | None = Field(None, gt=0, allow_inf_nan=False, description="atmn leak between steps (None: 1 = none; > 1 weakens later steps)")
+    learnable: StrictBool = Field(True, description="train the threshold (LSQ / exp(a) gradient); false keeps the calibrated one")
+    lsq_grad_scale: StrictBool = Field(True, description="LSQ's 1/sqrt(n·levels) threshold-gradient scale; false: thresholds move faster")
+    ata_momentum: StrictFloat | StrictInt = Field(0.0, ge=0, lt=1, description="> 0: re-calibrate the threshold while training (SNN2ANN's ATA)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data):
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        kind = data.get("kind", "si_lif")
+        for other, fields in _KIND_FIELDS.items():
+            for name in fields:
+                if other != kind and data.get(name) is not None:
+                    raise ValueError(f"{name!r} does not apply to kind {kind!r} (its fields: {list(_KIND_FIELDS.get(kind, ()))})")
+        if kind == "si_lif":
+            data["D"] = DEFAULT_D if data.get("D") is None else data["D"]
+        elif kind == "atmn":
+            data["T"] = DEFAULT_T if data.get("T") is None else data["T"]
+            data["tau"] = 1.0 if data.get("tau") is None else data["tau"]
+        return data
+
+    @classmethod
+    def of(cls, spec: "NeuronSpec | Mapping") -> "NeuronSpec":
+        """A spec from a config dict (``{"kind": "si_lif", "D": 4}``) or a spec; ValueError naming the field."""
+        if isinstance(spec, NeuronSpec):
+            return spec
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"neuron spec must be a dict, got {type(spec).__name__}")
+        if "kind" not in spec:
+            raise ValueError(f"neuron spec has no 'kind' (one of {sorted(NEURON_KINDS)}): {dict(spec)}")
+        if spec["kind"] not in NEURON_KINDS:
+            raise ValueError(f"neuron spec kind {spec['kind']!r} unknown; expected one of {sorted(NEURON_KINDS)}")
+        try:
+            return cls.model_validate(dict(spec))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            message = first["msg"].removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                allowed = ["kind", *_KIND_FIELDS[spec["kind"]], "learnable", "lsq_grad_scale", "ata_momentum"]
+                message = f"neuron spec key {where!r} unknown for kind {spec['kind']!r}; allowed: {allowed}"
+            elif where:
+                message = f"neuron spec {where!r}: {message}"
+            raise ValueError(message) from None
+
+    @property
+    def levels(self) -> int:
+        """The top spike level: D (SI-LIF) or T (ATMN)."""
+        return self.D if self.kind == "si_lif" else self.T
+
+    def signature(self) -> tuple:
+        """What a calibrated threshold depends on: the kind, its levels and its leak."""
+        return (self.kind, self.D) if self.kind == "si_lif" else (self.kind, self.T, self.tau)
+
+    def to_config(self) -> dict:
+        """The plain dict stored in ``config.neurons`` (only this kind's fields)."""
+        other = {name for kind, fields in _KIND_FIELDS.items() if kind != self.kind for name in fields}
+        return {k: v for k, v in self.model_dump().items() if k not in other}
+
+    def describe(self) -> str:
+        """``si_lif D=4`` / ``atmn T=4 tau=1.0`` (+ ``frozen`` when the threshold does not learn)."""
+        fields = " ".join(f"{name}={getattr(self, name)}" for name in _KIND_FIELDS[self.kind])
+        return f"{self.kind} {fields}" + ("" if self.learnable else " frozen")
+
+
+def make_neuron(spec: NeuronSpec | Mapping, channels: int) -> nn.Module:
+    """Build a neuron from a spec: ``make_neuron({"kind": "si_lif", "D": 4}, channels=64)``.
 
     Unknown kind, unknown key or a bad value -> ``ValueError`` naming the field.
     """
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"neuron spec must be a dict, got {type(spec).__name__}")
-    if "kind" not in spec:
-        raise ValueError(f"neuron spec has no 'kind' (one of {sorted(NEURON_KINDS)}): {dict(spec)}")
-    kind = spec["kind"]
-    if kind not in NEURON_KINDS:
-        raise ValueError(f"neuron spec kind {kind!r} unknown; expected one of {sorted(NEURON_KINDS)}")
-    unknown = sorted(set(spec) - _SPEC_KEYS[kind])
-    if unknown:
-        raise ValueError(
-            f"neuron spec key {unknown[0]!r} unknown for kind {kind!r}; allowed: {sorted(_SPEC_KEYS[kind])}"
-        )
-    kwargs = {k: v for k, v in spec.items() if k != "kind"}
-    return NEURON_KINDS[kind](channels, **kwargs)
+    spec = NeuronSpec.of(spec)
+    kwargs = {k: v for k, v in spec.to_config().items() if k != "kind"}
+    return NEURON_KINDS[spec.kind](channels, **kwargs)
+
+
+@torch.no_grad()
+def inherit_threshold(neuron: _SpikingNeuron, previous: _SpikingNeuron) -> None:
+    """Start ``neuron`` from ``previous``'s trained per-channel threshold, keeping the top level
+    (methods.md §5): ``V_new = V_prev · top_prev / top_new``, so both clip at the same ``|x|``.
+
+    SI-LIF(D, V) -> ATMN(T, V_th = V·D/T): the new neuron covers the range the old one was trained
+    to, instead of a fresh percentile guess. Marks ``neuron`` calibrated.
+    """
+    neuron.set_threshold_(previous.threshold().float() * previous.top_level / neuron.top_level)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ can also be called from a notebook with a hand-made context.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,80 @@ class StrictModel(BaseModel):
     """Base for every recipe section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def local_path(default: Any = None, *, kind: Literal["file", "folder"], description: str) -> Any:
+    """A recipe field that names a local file or folder (relative to the current directory).
+
+    The runner's preflight checks every such field of every stage that will run
+    (`check_local_paths`) before the run folder is touched, so a missing path fails first, not
+    after the training stages. A field that may also be a hub id is not one of these.
+    """
+    return Field(default, description=description, json_schema_extra={"local_path": kind})
+
+
+# Keys of the `trainer:` / `trl:` passthrough dicts that name a local file (TrainingArguments.deepspeed)
+PASSTHROUGH_PATHS = {"deepspeed": "file"}
+
+
+def _path_problem(dotted: str, path: Any, kind: str) -> str | None:
+    exists = Path(path).is_file() if kind == "file" else Path(path).is_dir()
+    return None if exists else f"{dotted}: {path} is not a {kind} (relative to {Path.cwd()})"
+
+
+def check_local_paths(cfg: BaseModel, where: str) -> list[str]:
+    """Problems with the `local_path` fields of `cfg` and its nested sections ([] when all exist),
+    and with a `deepspeed: <json file>` in a passthrough dict.
+
+    Each problem names the dotted field and the path: `stages.eval.lm_eval_include_path: x is not
+    a folder (relative to /cwd)`.
+    """
+    problems: list[str | None] = []
+    for name, info in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        dotted = f"{where}.{name}"
+        if extra.get("local_path") is not None and value is not None:
+            problems += [_path_problem(dotted, path, extra["local_path"]) for path in (value if isinstance(value, list) else [value])]
+        if isinstance(value, dict):
+            problems += [
+                _path_problem(f"{dotted}.{key}", value[key], kind)
+                for key, kind in PASSTHROUGH_PATHS.items()
+                if isinstance(value.get(key), str)
+            ]
+        for child in value if isinstance(value, list) else value.values() if isinstance(value, dict) else [value]:
+            if isinstance(child, BaseModel):
+                problems += check_local_paths(child, dotted)
+    return [problem for problem in problems if problem is not None]
+
+
+def checkpoint_folders(folder: Path) -> list[tuple[int, Path]]:
+    """`checkpoint-N/` folders under `folder` as (N, path), oldest first ([] if none)."""
+    if not Path(folder).is_dir():
+        return []
+    found = []
+    for path in Path(folder).iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def last_complete_checkpoint(folder: Path, logger: logging.Logger | None = None) -> Path | None:
+    """Newest `checkpoint-N/` under `folder` whose `trainer_state.json` parses, or None.
+
+    HF Trainer (and the PPO trainer) write that file last, so a run killed while saving
+    checkpoint-N leaves it without one, and the checkpoint before it is used.
+    """
+    for _, path in reversed(checkpoint_folders(folder)):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            if logger is not None:
+                logger.warning("ignoring the incomplete checkpoint %s", path)
+            continue
+        return path
+    return None
 
 
 class TeacherArch(StrictModel):
@@ -97,16 +173,12 @@ class StageContext:
     def record_before_training(self, values: dict[str, Any]) -> None:
         """Keep figures measured before the first step (e.g. the converted student's accuracy)
         beside the checkpoints, so a resumed attempt can still report them."""
-        import json
-
         path = self.out_dir / "pre_training_metrics.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         path.write_text(json.dumps(saved | values))
 
     def recorded_before_training(self) -> dict[str, Any]:
         """What `record_before_training` kept for this stage's attempt ({} if nothing)."""
-        import json
-
         path = self.out_dir / "pre_training_metrics.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -116,26 +188,6 @@ class StageContext:
         return self.out_dir / "checkpoints"
 
     def last_checkpoint(self) -> Path | None:
-        """Newest complete `checkpoint-N/` of an interrupted earlier attempt, or None.
-
-        Complete = its `trainer_state.json` parses: HF Trainer writes that file last, so a run
-        killed while saving checkpoint-N leaves it without one and the previous checkpoint is used.
-        """
-        import json
-        import re
-
-        if not self.checkpoint_dir.is_dir():
-            return None
-        steps = {}
-        for path in self.checkpoint_dir.iterdir():
-            match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-            if match and path.is_dir():
-                steps[int(match.group(1))] = path
-        for step in sorted(steps, reverse=True):
-            try:
-                json.loads((steps[step] / "trainer_state.json").read_text())
-            except (OSError, ValueError):
-                self.logger.warning("%s: ignoring the incomplete checkpoint %s", self.stage, steps[step])
-                continue
-            return steps[step]
-        return None
+        """Newest complete `checkpoint-N/` of an interrupted earlier attempt, or None
+        (`last_complete_checkpoint` of `checkpoint_dir`)."""
+        return last_complete_checkpoint(self.checkpoint_dir, self.logger)

@@ -19,52 +19,31 @@ Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
 
 from __future__ import annotations
 
-from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from datasets import load_from_disk
 from pydantic import Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+from transformers import AutoTokenizer
 
 import spiking
 from stages import tasks
 from stages.context import StageContext, StrictModel
-from stages.teacher import (
-    JsonLogCallback,
+from stages.training import (
+    SGCConfig,
+    SGCSchedule,
+    TeacherStudentTrainer,
     TrainerKnobs,
     build_training_args,
     check_vocab,
     collate_blocks,
+    deepspeed_off,
+    gathered,
     load_compute_teacher,
+    stage_callbacks,
     train_or_load,
 )
-
-
-class NeuronSpec(StrictModel):
-    """The spiking neuron put at every configured placement."""
-
-    kind: Literal["si_lif", "atmn"] = Field("si_lif", description="si_lif: signed integer spikes; atmn: ternary multi-step")
-    D: int = Field(4, ge=1, description="si_lif max spike count per token: more levels = closer to the teacher, more spikes")
-    T: int = Field(4, ge=1, description="atmn steps per token")
-    tau: float = Field(1.0, gt=0, description="atmn leak (1 = none)")
-    learnable: bool = Field(True, description="learn the threshold (LSQ / exp(a) gradient)")
-    lsq_grad_scale: bool = Field(True, description="LSQ's 1/sqrt(n·D) threshold-gradient scale; false: thresholds move faster")
-
-    def spec(self) -> dict:
-        common = {"learnable": self.learnable, "lsq_grad_scale": self.lsq_grad_scale}
-        if self.kind == "si_lif":
-            return {"kind": "si_lif", "D": self.D, **common}
-        return {"kind": "atmn", "T": self.T, "tau": self.tau, **common}
-
-
-class SGCConfig(StrictModel):
-    """Smoothed gradient compensation: y = (1-λ)·s·V + λ·x, λ annealed to 0 (training only)."""
-
-    lambda0: float = Field(0.5, ge=0, le=1, description="λ at step 0: more = smoother early gradients, bigger train/deploy gap")
-    anneal: float = Field(0.8, gt=0, le=1, description="fraction of steps over which λ falls to 0; the rest trains pure spikes")
 
 
 class LossConfig(StrictModel):
@@ -79,7 +58,7 @@ class LossConfig(StrictModel):
 class Config(TrainerKnobs):
     """`stages.distill:` recipe section."""
 
-    neuron: NeuronSpec = Field(default_factory=NeuronSpec, description="neuron at each placement")
+    neuron: spiking.NeuronSpec = Field(default_factory=spiking.NeuronSpec, description="neuron at each placement (kind, D | T, tau, learnable)")
     placement: list[str] = Field(
         default_factory=lambda: ["in_proj", "out_proj"],
         description="where neurons sit: in_proj, out_proj, x_proj, mlp.up, mlp.down (paper: in_proj, out_proj)",
@@ -90,24 +69,6 @@ class Config(TrainerKnobs):
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (paper scale: 2e-5)")
     logging_steps: int = Field(20, ge=1, description="log losses, λ and firing rates every N steps")
-
-
-def sgc_lambda(step: int, max_steps: int, sgc: SGCConfig | Literal[False]) -> float:
-    """λ at optimizer step `step`: linear λ0 → 0 over the first `anneal·max_steps` steps, then 0."""
-    if sgc is False:
-        return 0.0
-    horizon = sgc.anneal * max_steps
-    return sgc.lambda0 * max(0.0, 1.0 - step / horizon)
-
-
-class SGCSchedule(TrainerCallback):
-    """Sets λ on every neuron before each optimizer step (state.global_step survives resume)."""
-
-    def __init__(self, model: torch.nn.Module, sgc: SGCConfig | Literal[False]):
-        self.model, self.sgc = model, sgc
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        spiking.set_sgc_lambda(self.model, sgc_lambda(state.global_step, state.max_steps, self.sgc))
 
 
 def distillation_loss(
@@ -140,46 +101,6 @@ def distillation_loss(
         ce = torch.zeros((), device=student_logits.device)
     total = loss.kl * kl + loss.hidden * hidden + loss.ce * ce
     return {"loss": total, "kl": kl.detach(), "hidden_mse": hidden.detach(), "ce": ce.detach()}
-
-
-class TeacherStudentTrainer(Trainer):
-    """HF Trainer against a frozen teacher (distill, sparsify): logs the loss terms averaged since the
-    last log, the firing rate per placement of the last counted step, and the SGC λ.
-
-    Subclasses write `compute_loss` and call `counting(model)` and `record(terms, names, stats)`.
-    """
-
-    # compute_loss returns a per-micro-batch mean: let training_step divide by the accumulation steps
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, teacher: torch.nn.Module, sgc: SGCConfig | Literal[False], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher, self.sgc = teacher, sgc
-        self._sums: dict[str, float] = {}
-        self._count = 0
-        self._rates: dict[str, float] = {}  # firing rate per placement, from the last counted step
-
-    def counting(self, model) -> bool:
-        """Count spikes on this step? Only on logging steps: the hot path pays nothing otherwise."""
-        return model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
-
-    def record(self, model, terms: dict[str, torch.Tensor], names: Sequence[str], stats: spiking.SpikeStats | None) -> None:
-        if not model.training:
-            return
-        for name in names:
-            self._sums[name] = self._sums.get(name, 0.0) + float(terms[name])
-        self._count += 1
-        if stats is not None:
-            self._rates = {f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()}
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._count and "loss" in logs:
-            for name, total in self._sums.items():
-                logs[name] = round(total / self._count, 6)
-            logs.update(self._rates)
-            logs["sgc_lambda"] = sgc_lambda(self.state.global_step, self.state.max_steps, self.sgc)
-            self._sums, self._count = {}, 0
-        super().log(logs, start_time)
 
 
 class DistillTrainer(TeacherStudentTrainer):
@@ -227,7 +148,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         raise ValueError(f"stages.distill: the corpus at {data_dir / 'corpus'} has no tokens to distil on")
     teacher = load_compute_teacher(teacher_dir, ctx, dtype=cfg.teacher_dtype)
     check_vocab(teacher, tokenizer, f"stages.distill: teacher {teacher_dir}")
-    neurons = {placement: cfg.neuron.spec() for placement in cfg.placement}
+    neurons = {placement: cfg.neuron.to_config() for placement in cfg.placement}
 
     # --- student: teacher weights + neurons; thresholds calibrated on a fresh start only (a
     # checkpoint restores the trained ones, and re-calibrating would change the resumed run)
@@ -264,11 +185,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         teacher=teacher,
         loss_cfg=cfg.loss,
         sgc=cfg.sgc,
-        callbacks=[
-            SGCSchedule(student, cfg.sgc),
-            JsonLogCallback(ctx.out_dir / "train_log.json"),
-            *ctx.extra.get("callbacks", []),
-        ],
+        callbacks=stage_callbacks(ctx, SGCSchedule(student, cfg.sgc)),
     )
     done = train_or_load(trainer, resume, ctx)
     spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
@@ -280,15 +197,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     tokenizer.save_pretrained(ctx.out_dir)
     # a resumed attempt reads the figure its first attempt recorded before training
     metrics["converted_accuracy"] = ctx.recorded_before_training().get("converted_accuracy")
-    with tasks.zero3_switched_off():
-        student = tasks.gathered(student, ctx.out_dir, _reload_student)
-        blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
-        compared, _ = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget, cfg.eval_batch_size)
-        metrics.update(compared)
+    deepspeed_off()  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole student
+    student = gathered(student, ctx.out_dir, spiking.load_deployed)
+    blocks = corpus["test"].select(range(min(cfg.eval_blocks, len(corpus["test"]))))
+    compared, _ = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget, cfg.eval_batch_size)
+    metrics.update(compared)
     return metrics
-
-
-def _reload_student(out_dir: Path) -> torch.nn.Module:
-    whole = AutoModelForCausalLM.from_pretrained(out_dir)
-    spiking.set_sgc_lambda(whole, 0.0)
-    return whole

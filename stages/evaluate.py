@@ -40,14 +40,14 @@ from typing import Any, Literal
 import torch
 from datasets import load_from_disk
 from pydantic import Field, field_validator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import rewards as rewards_lib
 import spiking
-from stages import tasks
-from stages.context import StageContext, StrictModel
-from stages.sparsify import MODULE_OPS  # module type -> the energy ops its neuron feeds
-from stages.teacher import check_vocab, load_compute_teacher
+from stages import MODEL_STAGES, tasks
+from stages.context import StageContext, StrictModel, local_path
+from stages.report import PAPER_TASKS, build_report
+from stages.training import check_vocab, load_compute_teacher
 
 try:  # lm-eval is optional (`pip install 'spikerl[eval]'`): needed only when `lm_eval` lists tasks
     import lm_eval
@@ -56,10 +56,6 @@ try:  # lm-eval is optional (`pip install 'spikerl[eval]'`): needed only when `l
 except ImportError:  # pragma: no cover - lm-eval is in the dev extra
     lm_eval = None
 
-MODEL_STAGES = ("teacher", "distill", "sparsify", "rl")
-
-# The zero-shot tasks of the SpikingMamba paper (and of the Mamba paper's teacher table)
-PAPER_LM_EVAL_TASKS = ["lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande"]
 # The metric the Mamba paper reports per task (acc_norm where it is length-normalised); others: acc
 LM_EVAL_METRIC = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm"}
 
@@ -87,11 +83,11 @@ class Config(StrictModel):
         description="scorers of the held-out prompts' greedy completions (reward names: arith_exact, math_answer)",
     )
     lm_eval: list[str] = Field(
-        default_factory=lambda: list(PAPER_LM_EVAL_TASKS),
+        default_factory=lambda: list(PAPER_TASKS),
         description="lm-eval zero-shot tasks (the paper's six need the hub; [] = none)",
     )
-    lm_eval_include_path: str | None = Field(
-        None, description="folder of extra lm-eval task YAMLs (e.g. recipes/lm_eval_tasks), relative to the current directory"
+    lm_eval_include_path: str | None = local_path(
+        kind="folder", description="folder of extra lm-eval task YAMLs (e.g. recipes/lm_eval_tasks), relative to the current directory"
     )
     lm_eval_limit: int | None = Field(None, ge=1, description="documents per lm-eval task (None = all): fewer = faster, noisier")
     lm_eval_batch_size: int = Field(16, ge=1, description="lm-eval requests per forward")
@@ -177,7 +173,7 @@ def energy_figures(report: spiking.EnergyReport) -> dict[str, Any]:
             entry["mul"] += count.mul
             entry["pj"] += count.energy_pj(cost)
         for placement in layer.spikes_per_token:  # the linear layers this block feeds with spikes
-            spike_driven.update(op for op in MODULE_OPS[placement] if op in layer.ops and not op.endswith(".neuron"))
+            spike_driven.update(op for op in spiking.MODULE_OPS[placement] if op in layer.ops and not op.endswith(".neuron"))
     by_group: dict[str, float] = {}
     for op, entry in by_op.items():
         group = "neurons" if op.endswith(".neuron") else OP_GROUPS.get(op, op)
@@ -198,12 +194,9 @@ def energy_figures(report: spiking.EnergyReport) -> dict[str, Any]:
 @torch.no_grad()
 def measure_energy(model, held_out: torch.Tensor) -> dict[str, Any]:
     """Firing rates and energy per token of `model` on held-out blocks `held_out` [B, L]."""
-    model.eval()
-    if not any(True for _ in spiking.iter_neurons(model)):  # dense: no forward needed
-        return {"firing_rate": None, "energy": energy_figures(spiking.estimate_energy(model, held_out))}
-    with spiking.count_spikes(model) as stats:
-        model(input_ids=held_out)
-    report = spiking.estimate_energy(model, held_out, stats=stats)
+    report, stats = spiking.measure(model, held_out)
+    if stats is None:  # dense
+        return {"firing_rate": None, "energy": energy_figures(report)}
     return {**firing_rates(stats, len(model.backbone.layers)), "energy": energy_figures(report)}
 
 
@@ -265,6 +258,12 @@ def build_task_manager(cfg: Config):
 # ------------------------------------------------------------------------------ the stage
 
 
+def preflight(cfg: Config, ctx: StageContext) -> None:
+    """Before the run folder is touched: every lm-eval task is known (to lm-eval or the include path)."""
+    if cfg.lm_eval:
+        build_task_manager(cfg)
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were measured (the report states it)."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -299,13 +298,8 @@ def load_model(name: str, folder: Path, ctx: StageContext):
     """The teacher in the project's mixer (dense), or a student as deployed (SGC off, spikes on)."""
     if name == "teacher":
         return load_compute_teacher(folder, ctx)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    spiking.set_sgc_lambda(model, 0.0)
-    if hasattr(model.config, "spiking"):
-        model.config.spiking = True
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return model.eval()
+    model = spiking.load_deployed(folder)
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
@@ -390,13 +384,10 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         },
         "stages": {name: results[name] for name in MODEL_STAGES if name in results},
     }
-    if ctx.is_main_process:
-        (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics_file, indent=1))
-        if cfg.report:
-            from stages.report import build_report  # here: the report module needs only files
-
-            folder = build_report(ctx.run_dir, ctx.out_dir / "report", logger=ctx.logger)
-            ctx.logger.info("eval: report in %s", folder / "report.md")
+    (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics_file, indent=1))
+    if cfg.report:
+        folder = build_report(ctx.run_dir, ctx.out_dir / "report", logger=ctx.logger)
+        ctx.logger.info("eval: report in %s", folder / "report.md")
     return headline_metrics(metrics_file)
 
 

@@ -38,7 +38,6 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -54,8 +53,10 @@ from safetensors.torch import load_model, save_model
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import safe_globals
 
+import rewards as rewards_lib
 from rewards.energy import SpikeRateRegulariser
-from stages.context import StrictModel
+from stages.context import StrictModel, checkpoint_folders
+from stages.tasks import eval_mode, left_padded
 
 
 class PPOConfig(StrictModel):
@@ -229,7 +230,7 @@ class PPOTrainer:
         if args.max_completion_length is None:
             raise ValueError("ppo: max_completion_length is not set (the rl stage sets it from the task)")
         self.args, self.tokenizer, self.dataset, self.seed = args, tokenizer, train_dataset, seed
-        self.reward_funcs, self.reward_weights = list(reward_funcs), torch.tensor(reward_weights, dtype=torch.float32)
+        self.reward_funcs, self.reward_weights = list(reward_funcs), list(reward_weights)
         self.output_dir = Path(output_dir)
         self.callbacks, self.logger = list(callbacks), logger
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -287,26 +288,20 @@ class PPOTrainer:
         args, tokenizer = self.args, self.tokenizer
         rows = [row for row in rows for _ in range(args.num_generations)]
         prompts = [row["prompt"] for row in rows]
-        saved_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # every prompt ends at position P-1; completions follow directly
-        try:
+        with left_padded(tokenizer):  # every prompt ends at position P-1; completions follow directly
             batch = tokenizer(prompts, return_tensors="pt", padding=True).to(self.accelerator.device)
-        finally:
-            tokenizer.padding_side = saved_side
         policy = self.accelerator.unwrap_model(self.module).policy
-        was_training = policy.training
-        policy.eval()
-        sequences = policy.generate(
-            **batch,
-            do_sample=True,
-            temperature=args.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=args.max_completion_length,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        policy.train(was_training)
+        with eval_mode(policy):
+            sequences = policy.generate(
+                **batch,
+                do_sample=True,
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.max_completion_length,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         prompt_len = batch["input_ids"].shape[1]
         completion = sequences[:, prompt_len:]  # [N, C]
         completion_mask = torch.ones_like(completion)
@@ -320,11 +315,7 @@ class PPOTrainer:
         eos = tokenizer.eos_token_id
         texts = [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids in completion_ids]
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
-        per_func = torch.zeros(len(rows), len(self.reward_funcs))
-        for i, func in enumerate(self.reward_funcs):
-            values = func(prompts=prompts, completions=texts, completion_ids=completion_ids, **columns)
-            per_func[:, i] = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
-        scores = (per_func * self.reward_weights).nansum(dim=1)  # None counts 0, as in TRL
+        per_func, scores = rewards_lib.score(self.reward_funcs, self.reward_weights, prompts, texts, columns, completion_ids)
         return {
             "input_ids": torch.cat([batch["input_ids"], completion], dim=1),
             "attention_mask": torch.cat([batch["attention_mask"], completion_mask], dim=1),
@@ -453,11 +444,8 @@ class PPOTrainer:
             callback.on_save(self.args, self.state, self.control)
 
     def _rotate_checkpoints(self) -> None:
-        folders = sorted(
-            (p for p in self.output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        for old in folders[: -self.args.save_total_limit]:
+        folders = checkpoint_folders(self.output_dir)  # oldest first
+        for _, old in folders[: -self.args.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _load_checkpoint(self, folder: Path) -> None:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from stages import MODEL_STAGES, STAGES
+
 try:  # matplotlib is optional (`pip install 'spikerl[eval]'`): without it the report has no plots
     import matplotlib
 
@@ -36,8 +38,6 @@ try:  # matplotlib is optional (`pip install 'spikerl[eval]'`): without it the r
 except ImportError:  # pragma: no cover - matplotlib is in the dev extra
     plt = None
 
-MODEL_STAGES = ("teacher", "distill", "sparsify", "rl")
-STAGES = ("data", *MODEL_STAGES, "eval")
 METRICS = "eval/metrics.json"
 
 # The papers' figures (methods.md §8): shown beside ours, always labelled as the paper's.
@@ -50,6 +50,7 @@ PAPER = {
         "what": "Mamba teacher, avg of LAMBADA, HellaSwag, PIQA, ARC-e, ARC-c, WinoGrande (Mamba paper)",
     },
 }
+# The zero-shot tasks of the SpikingMamba paper (and of the Mamba paper's teacher table): eval's default
 PAPER_TASKS = ["lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande"]
 
 

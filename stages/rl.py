@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +58,15 @@ from rewards.energy import SpikeRateRegulariser
 from stages import tasks
 from stages.context import StageContext, StrictModel
 from stages.ppo import PPOConfig, PPOTrainer
-from stages.teacher import JsonLogCallback, check_vocab, load_checkpoint_weights, train_or_load
+from stages.training import (
+    check_vocab,
+    deepspeed_off,
+    gathered,
+    is_zero3_partitioned,
+    load_checkpoint_weights,
+    stage_callbacks,
+    train_or_load,
+)
 
 try:  # PEFT is only needed for the optional LoRA
     import peft
@@ -164,15 +171,11 @@ def input_model_dir(ctx: StageContext) -> Path:
     return ctx.upstream["sparsify"] if "sparsify" in ctx.upstream else ctx.need("distill")
 
 
-def load_policy(folder: Path, ctx: StageContext):
-    """The deployed spiking model from `folder`: SGC off (λ = 0), spikes on."""
-    model = AutoModelForCausalLM.from_pretrained(folder)
+def load_policy(folder: Path):
+    """The deployed spiking model from `folder` (SGC off, spikes on); it must have neurons."""
+    model = spiking.load_deployed(folder)
     if not any(True for _ in spiking.iter_neurons(model)):
         raise ValueError(f"stages.rl: the model in {folder} has no spiking neurons (expected a distill / sparsify output)")
-    spiking.set_sgc_lambda(model, 0.0)
-    if not getattr(model.config, "spiking", True):
-        ctx.logger.warning("rl: %s was saved with spiking=false; switching spikes on (the deployed model)", folder)
-        model.config.spiking = True
     return model
 
 
@@ -272,31 +275,17 @@ def split_energy_weight(funcs: list, weights: list[float], mode: str) -> tuple[l
 
 @torch.no_grad()
 def held_out_spikes(model, tokenizer, test_ds, batch_size: int) -> dict[str, float]:
-    """Spikes per token, firing rate and energy per token on held-out `prompt + answer` texts (real tokens only).
-
-    Energy: `spiking.estimate_energy` from the same spike counts (45 nm cost table, memory access
-    not counted).
-    """
+    """Spikes per token, firing rate and energy per token on held-out `prompt + answer` texts
+    (left-padded batches; padding not counted). Energy: `spiking.measure` (45 nm cost table,
+    memory access not counted)."""
     texts = [p + a for p, a in zip(test_ds["prompt"], test_ds["answer"])]
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = model.training
-    model.eval()
-    tokens = 0
-    try:
-        with spiking.count_spikes(model) as stats:  # one tally over every batch
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-                stats.attention_mask = batch["attention_mask"]
-                model(**batch, use_cache=False)
-                tokens += int(batch["attention_mask"].sum())
-    finally:
-        tokenizer.padding_side = saved_side
-        model.train(was_training)
+    with tasks.left_padded(tokenizer):
+        batches = [
+            tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            for start in range(0, len(texts), batch_size)
+        ]
+    energy, stats = spiking.measure(model, batches)
     overall = stats.overall()
-    # estimate_energy takes the counts as they are; the mask only tells it how many tokens they cover
-    all_tokens = torch.ones(1, tokens, dtype=torch.long)
-    energy = spiking.estimate_energy(model, all_tokens, attention_mask=all_tokens, stats=stats)
     return {
         "spikes_per_token": overall["spikes_per_token"],
         "firing_rate": overall["firing_rate"],
@@ -336,17 +325,13 @@ def sample_preference_pairs(policy, tokenizer, prompts_ds, reward_funcs, reward_
         prompts_ds = prompts_ds.select(range(min(pairs.max_prompts, len(prompts_ds))))
     k = pairs.samples_per_prompt
     rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
-    weights = torch.tensor(reward_weights, dtype=torch.float32)
     for start in range(0, len(prompts_ds), pairs.batch_size):
         chunk = prompts_ds.select(range(start, min(start + pairs.batch_size, len(prompts_ds))))
         prompts = [p for p in chunk["prompt"] for _ in range(k)]
         completions = _sample(policy, tokenizer, prompts, max_new_tokens, pairs.temperature)
         columns = {c: [v for v in chunk[c] for _ in range(k)] for c in chunk.column_names if c != "prompt"}
-        per_func = torch.zeros(len(prompts), len(reward_funcs))
-        for i, func in enumerate(reward_funcs):
-            values = func(prompts=prompts, completions=completions, **columns)
-            per_func[:, i] = torch.tensor([math.nan if v is None else v for v in values])
-        scores = (per_func * weights).nansum(dim=1).view(-1, k)  # [prompts, k]
+        _, total = rewards_lib.score(reward_funcs, reward_weights, prompts, completions, columns)
+        scores = total.view(-1, k)  # [prompts, k]
         for j, prompt in enumerate(chunk["prompt"]):
             best, worst = int(scores[j].argmax()), int(scores[j].argmin())
             if scores[j, best] > scores[j, worst]:
@@ -357,19 +342,12 @@ def sample_preference_pairs(policy, tokenizer, prompts_ds, reward_funcs, reward_
 
 
 def _sample(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> list[str]:
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = policy.training
-    policy.eval()
-    try:
+    with tasks.left_padded(tokenizer), tasks.eval_mode(policy):
         batch = tokenizer(prompts, return_tensors="pt", padding=True).to(policy.device)
         generated = policy.generate(
             **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-    finally:
-        tokenizer.padding_side = saved_side
-        policy.train(was_training)
     new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
     return [tokenizer.decode(tasks.cut_at_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in new_tokens]
 
@@ -417,7 +395,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     model_dir = input_model_dir(ctx)
     prompts = load_from_disk(str(data_dir / "prompts"))
     tokenizer = load_tokenizer(model_dir, data_dir)
-    policy = load_policy(model_dir, ctx)
+    policy = load_policy(model_dir)
     check_vocab(policy, tokenizer, f"stages.rl: model {model_dir}")
     train_ds, test_ds = prompts["train"], prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
     if len(train_ds) == 0:
@@ -438,12 +416,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if spike_rate_weight > 0:
         ctx.logger.info("rl: spike_energy %.4g as a spike-rate term in the loss (energy_penalty: %s)", spike_rate_weight, cfg.energy_penalty)
     resume = ctx.last_checkpoint()
-    callbacks = [JsonLogCallback(ctx.out_dir / "train_log.json"), *ctx.extra.get("callbacks", [])]
+    callbacks = stage_callbacks(ctx)
 
     if cfg.algo == "ppo":
         ppo_cfg = cfg.ppo if cfg.ppo.max_completion_length else cfg.ppo.model_copy(update={"max_completion_length": budget})
-        ref_model = load_policy(model_dir, ctx) if ppo_cfg.kl_coef > 0 else None
-        value_backbone = load_policy(model_dir, ctx) if ppo_cfg.value_model == "separate" else None
+        ref_model = load_policy(model_dir) if ppo_cfg.kl_coef > 0 else None
+        value_backbone = load_policy(model_dir) if ppo_cfg.value_model == "separate" else None
         trainer = PPOTrainer(
             policy, ref_model, tokenizer, reward_funcs, weights, train_ds, ppo_cfg, ctx.checkpoint_dir,
             seed=ctx.seed, value_backbone=value_backbone, callbacks=callbacks, logger=ctx.logger,
@@ -464,7 +442,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             pairs = dpo_pairs(cfg, ctx, data_dir, policy, tokenizer, train_ds, reward_funcs, weights, budget)
             metrics["dpo_pairs"] = len(pairs)
             # the reference = the input model from its folder (with LoRA: the policy, adapter off)
-            ref_model = None if cfg.lora is not None else load_policy(model_dir, ctx)
+            ref_model = None if cfg.lora is not None else load_policy(model_dir)
             trainer = trl.DPOTrainer(ref_model=ref_model, train_dataset=pairs, **common)
         done = train_or_load(trainer, resume, ctx, load=load_rl_checkpoint)
         steps, history = done["steps"], done["log_history"]
@@ -473,7 +451,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             trainer.spike_regulariser.close()
 
     final = policy
-    zero3 = cfg.algo != "ppo" and tasks.is_zero3_partitioned(policy)  # PPO: our loop, DDP only
+    zero3 = cfg.algo != "ppo" and is_zero3_partitioned(policy)  # PPO: our loop, DDP only
     if cfg.lora is not None and cfg.lora.merge:
         if zero3:
             raise ValueError("stages.rl.lora.merge: merging under DeepSpeed ZeRO-3 is not supported; set merge: false "
@@ -489,9 +467,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if not zero3:
         final.save_pretrained(ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir)
-    with tasks.zero3_switched_off():  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole policy
-        final = tasks.gathered(final, ctx.out_dir, lambda folder: load_policy(folder, ctx))
-        after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
+    deepspeed_off()  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole policy
+    final = gathered(final, ctx.out_dir, load_policy)
+    after = evaluate(final, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["eval_samples"] = len(test_ds)
     logged = [entry for entry in history if any(k.startswith("rewards/") or k == "reward" for k in entry)]

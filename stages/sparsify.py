@@ -54,17 +54,20 @@ from transformers import AutoTokenizer
 import spiking
 from spiking.modeling import MLP_PLACEMENTS, PLACEMENTS
 from stages import tasks
-from stages.context import StageContext, StrictModel
-from stages.distill import SGCConfig, SGCSchedule, TeacherStudentTrainer
-from stages.teacher import (
-    JsonLogCallback,
+from stages.context import StageContext, StrictModel, local_path
+from stages.training import (
+    SGCConfig,
+    SGCSchedule,
+    TeacherStudentTrainer,
     TrainerKnobs,
     build_training_args,
     check_vocab,
     collate_blocks,
+    deepspeed_off,
+    gathered,
     load_compute_teacher,
+    stage_callbacks,
     train_or_load,
-    warn_if_checkpoint_disagrees,
 )
 
 # Accepted spellings of a module type -> the placement name of spiking.modeling.PLACEMENTS
@@ -77,30 +80,19 @@ MODULE_ALIASES = {
     "mlp_down": "mlp.down",
 }
 
-# The energy-report ops each module type's neuron feeds (spiking/energy.py's op names)
-MODULE_OPS = {
-    "in_proj": ("in_proj", "in_proj.neuron"),
-    "x_proj": ("x_proj", "x_proj.neuron"),
-    "out_proj": ("out_proj", "out_proj.neuron"),
-    "mlp.up": ("mlp.gate_proj", "mlp.up_proj", "mlp.up.neuron"),
-    "mlp.down": ("mlp.down_proj", "mlp.down.neuron"),
-}
-
-_KIND_FIELDS = {"si_lif": {"D"}, "atmn": {"T", "tau"}, "dense": set(), "keep": set()}
-
-
 class ModuleNeuron(StrictModel):
-    """What one module type gets: `dense`, `keep`, `{kind: si_lif, D}` or `{kind: atmn, T, tau}`.
+    """What one module type gets: `dense`, `keep`, or a neuron (`{kind: si_lif, D}`, `{kind: atmn, T, tau}`).
 
-    A bare string (`dense`, `keep`, `si_lif`, `atmn`) is the kind with default settings.
+    A bare string (`dense`, `keep`, `si_lif`, `atmn`) is the kind with default settings. A neuron's
+    fields and defaults are `spiking.NeuronSpec`'s (unset = its default).
     """
 
     kind: Literal["dense", "si_lif", "atmn", "keep"] = Field(
         ..., description="dense: no neuron; keep: the distilled student's; si_lif / atmn: that neuron"
     )
-    D: int | None = Field(None, ge=1, description="si_lif levels per sign (default 4): more = closer to dense, more spikes")
-    T: int | None = Field(None, ge=1, description="atmn steps per token (default 4): more = finer output, more spikes")
-    tau: float | None = Field(None, gt=0, description="atmn leak between steps (default 1 = none; > 1 weakens later steps)")
+    D: int | None = Field(None, ge=1, description="si_lif levels per sign (None: NeuronSpec's default): more = closer to dense, more spikes")
+    T: int | None = Field(None, ge=1, description="atmn steps per token (None: NeuronSpec's default): more = finer output, more spikes")
+    tau: float | None = Field(None, gt=0, description="atmn leak between steps (None: 1 = none; > 1 weakens later steps)")
     learnable: bool = Field(True, description="train the threshold (false: keep the calibrated one)")
 
     @model_validator(mode="before")
@@ -110,22 +102,22 @@ class ModuleNeuron(StrictModel):
 
     @model_validator(mode="after")
     def _fields_of_kind(self):
-        allowed = _KIND_FIELDS[self.kind] | ({"learnable"} if self.kind in ("si_lif", "atmn") else set())
+        if self.kind in ("si_lif", "atmn"):
+            self.spec()  # NeuronSpec refuses a field of the other kind
+            return self
         # a resolved recipe.yaml dumps every field at its default (D: null, learnable: true):
         # only a value other than the default is refused
         defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        extra = sorted(f for f in self.model_fields_set - allowed - {"kind"} if getattr(self, f) != defaults[f])
+        extra = sorted(f for f in self.model_fields_set - {"kind"} if getattr(self, f) != defaults[f])
         if extra:
-            raise ValueError(f"{extra[0]!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed) or 'none'})")
+            raise ValueError(f"{extra[0]!r} does not apply to kind {self.kind!r} (allowed: none)")
         return self
 
-    def spec(self) -> dict | None:
-        """The `spiking.make_neuron` spec; None for dense (and for keep: decided by the caller)."""
-        if self.kind == "si_lif":
-            return {"kind": "si_lif", "D": self.D or 4, "learnable": self.learnable}
-        if self.kind == "atmn":
-            return {"kind": "atmn", "T": self.T or 4, "tau": 1.0 if self.tau is None else self.tau, "learnable": self.learnable}
-        return None
+    def spec(self) -> spiking.NeuronSpec | None:
+        """The neuron for this module type; None for dense (and for keep: decided by the caller)."""
+        if self.kind in ("dense", "keep"):
+            return None
+        return spiking.NeuronSpec.of({"kind": self.kind, "D": self.D, "T": self.T, "tau": self.tau, "learnable": self.learnable})
 
 
 class SBDSConfig(StrictModel):
@@ -146,7 +138,7 @@ class SBDSConfig(StrictModel):
 
 def _default_modules() -> dict[str, ModuleNeuron]:
     # MAR's choice for a Mamba student: ATMN on both mixer projections; others keep the distilled neuron
-    return {"in_proj": ModuleNeuron(kind="atmn", T=4), "out_proj": ModuleNeuron(kind="atmn", T=4)}
+    return {"in_proj": ModuleNeuron(kind="atmn"), "out_proj": ModuleNeuron(kind="atmn")}
 
 
 class Config(TrainerKnobs):
@@ -157,7 +149,7 @@ class Config(TrainerKnobs):
         description="module type -> neuron (in_proj, out_proj, x_proj, mlp.up, mlp.down); unlisted = keep",
     )
     sbds: SBDSConfig = Field(default_factory=SBDSConfig, description="loss weights and options")
-    teacher: str | None = Field(None, description="teacher folder (None: the teacher stage's output)")
+    teacher: str | None = local_path(kind="folder", description="teacher model folder (None: the teacher stage's output)")
     sgc: SGCConfig | Literal[False] = Field(False, description="SGC schedule for the refined neurons, or false (MAR: pure spikes)")
     calibration_batches: int = Field(4, ge=1, description="batches used to calibrate new / changed neurons before step 1")
     threshold_init: Literal["calibrate", "inherit"] = Field(
@@ -191,17 +183,13 @@ class Config(TrainerKnobs):
 # ------------------------------------------------------------------------------ the student
 
 
-def _neuron_signature(spec: dict | None) -> tuple | None:
-    """What makes a calibrated threshold invalid when it changes: the kind and its levels/leak."""
-    if spec is None:
-        return None
-    if spec["kind"] == "si_lif":
-        return ("si_lif", spec.get("D", 4))
-    return ("atmn", spec.get("T", 4), float(spec.get("tau", 1.0)))
+def _signature(spec: dict | None) -> tuple | None:
+    """What makes a calibrated threshold invalid when it changes (None: no neuron)."""
+    return None if spec is None else spiking.NeuronSpec.of(spec).signature()
 
 
 def refined_neurons(distilled_neurons: dict, modules: dict[str, ModuleNeuron], has_mlp: bool) -> tuple[dict, list[str]]:
-    """(placement -> spec of the refined student, placements whose neuron is new or changed).
+    """(placement -> config spec of the refined student, placements whose neuron is new or changed).
 
     Raises ValueError naming `stages.sparsify.modules.<type>` for an MLP module on a student
     without an MLP.
@@ -218,8 +206,8 @@ def refined_neurons(distilled_neurons: dict, modules: dict[str, ModuleNeuron], h
         if choice.kind == "dense":
             neurons.pop(placement, None)
         else:
-            neurons[placement] = choice.spec()
-    changed = [p for p in neurons if _neuron_signature(neurons[p]) != _neuron_signature(distilled_neurons.get(p))]
+            neurons[placement] = choice.spec().to_config()
+    changed = [p for p in neurons if _signature(neurons[p]) != _signature(distilled_neurons.get(p))]
     return neurons, changed
 
 
@@ -364,33 +352,17 @@ class SparsifyTrainer(TeacherStudentTrainer):
 # ------------------------------------------------------------------------------ module report
 
 
-def energy_shares(report: spiking.EnergyReport) -> dict[str, float]:
-    """Module type -> fraction of the model's energy per token spent in the layers it feeds."""
-    total = report.pj_per_token
-    shares = {}
-    for placement, ops in MODULE_OPS.items():
-        pj = sum(layer.ops[op].energy_pj(report.cost) for layer in report.layers for op in ops if op in layer.ops)
-        if any(ops[0] in layer.ops for layer in report.layers):  # the model has this module type
-            shares[placement] = pj / total
-    return shares
-
-
-@torch.no_grad()
-def measure(model, input_ids: torch.Tensor) -> tuple[spiking.EnergyReport, dict[str, dict]]:
+def _rates(model, input_ids: torch.Tensor) -> tuple[spiking.EnergyReport, dict[str, dict]]:
     """Energy report and per-placement spike figures of `model` on held-out blocks [B, L]."""
-    model.eval()
-    if not any(True for _ in spiking.iter_neurons(model)):
-        return spiking.estimate_energy(model, input_ids), {}
-    with spiking.count_spikes(model) as stats:
-        model(input_ids=input_ids)
-    return spiking.estimate_energy(model, input_ids, stats=stats), stats.by_placement()
+    report, stats = spiking.measure(model, input_ids)
+    return report, (stats.by_placement() if stats is not None else {})
 
 
 def module_report(teacher, distilled, input_ids: torch.Tensor, plan: dict, ctx: StageContext) -> dict[str, Any]:
     """Log and return, per module type, its energy share (teacher, distilled student) and firing rate."""
-    report_t, _ = measure(teacher, input_ids)
-    report_d, rates = measure(distilled, input_ids)
-    shares_t, shares_d = energy_shares(report_t), energy_shares(report_d)
+    report_t, _ = _rates(teacher, input_ids)
+    report_d, rates = _rates(distilled, input_ids)
+    shares_t, shares_d = spiking.energy_shares(report_t), spiking.energy_shares(report_d)
     ctx.logger.info(
         "sparsify: where the energy goes (%s; %s)", report_t.cost.describe(), spiking.energy.MEMORY_NOTE
     )
@@ -413,9 +385,7 @@ def module_report(teacher, distilled, input_ids: torch.Tensor, plan: dict, ctx: 
 
 
 def _describe(spec: dict | None) -> str:
-    if spec is None:
-        return "dense"
-    return " ".join(f"{k}={v}" if k != "kind" else str(v) for k, v in spec.items())
+    return "dense" if spec is None else spiking.NeuronSpec.of(spec).describe()
 
 
 # ------------------------------------------------------------------------------ stage
@@ -492,7 +462,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             if spiking.neuron_placement(name) in changed:
                 neuron.calibrated.fill_(False)
                 if cfg.threshold_init == "inherit" and name in distilled_neurons:
-                    inherit_threshold(neuron, distilled_neurons[name])
+                    spiking.inherit_threshold(neuron, distilled_neurons[name])
         n_blocks = min(cfg.calibration_batches * cfg.batch_size, len(corpus["train"]))
         ids = torch.tensor(corpus["train"][:n_blocks]["input_ids"], device=teacher.device)  # [n_blocks, L]
         if changed:
@@ -513,15 +483,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         teacher=teacher,
         sbds=cfg.sbds,
         sgc=cfg.sgc,
-        callbacks=[
-            SGCSchedule(student, cfg.sgc),
-            JsonLogCallback(ctx.out_dir / "train_log.json"),
-            *ctx.extra.get("callbacks", []),
-        ],
+        callbacks=stage_callbacks(ctx, SGCSchedule(student, cfg.sgc)),
     )
-    if resume is not None:
-        ctx.logger.info("sparsify: resuming from %s", resume)
-        warn_if_checkpoint_disagrees(resume, args, ctx)
     done = train_or_load(trainer, resume, ctx)
     spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
     trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
@@ -531,25 +494,12 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         return metrics
     tokenizer.save_pretrained(ctx.out_dir)
     metrics.update(ctx.recorded_before_training())  # measured before training by the first attempt
-    with tasks.zero3_switched_off():  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole student
-        student = tasks.gathered(student, ctx.out_dir, spiking.SpikingMambaForCausalLM.from_pretrained)
-        compared, report_s = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget, cfg.eval_batch_size)
-        metrics.update(compared)
-        metrics.update({f"energy_share_student/{p}": share for p, share in energy_shares(report_s).items()})
+    deepspeed_off()  # rank 0 alone from here: under ZeRO-3 evaluate the saved, whole student
+    student = gathered(student, ctx.out_dir, spiking.load_deployed)
+    compared, report_s = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budget, cfg.eval_batch_size)
+    metrics.update(compared)
+    metrics.update({f"energy_share_student/{p}": share for p, share in spiking.energy_shares(report_s).items()})
     return metrics
-
-
-@torch.no_grad()
-def inherit_threshold(neuron: torch.nn.Module, previous: torch.nn.Module) -> None:
-    """Start `neuron` from `previous`'s trained per-channel threshold, keeping its top level.
-
-    SI-LIF(D, V) -> ATMN(T, V_th = V·D/T): both clip at the same |x| = D·V, so the new neuron
-    covers the range the distilled one was trained to, instead of a fresh percentile guess.
-    """
-    V = previous.threshold().float() * previous.top_level / neuron.top_level  # [C]
-    log_t = neuron._log_threshold()
-    log_t.copy_(V.log().to(log_t.dtype))
-    neuron.calibrated.fill_(True)
 
 
 def _check_checkpoint_neurons(checkpoint: Path, neurons: dict) -> None:

@@ -8,7 +8,7 @@
 Both take any causal LM with the HF API (`model(input_ids, attention_mask).logits`,
 `model.generate`): transformers' `MambaForCausalLM` and the project's spiking model alike.
 * `compare_with_teacher`: both plus firing rates and energy, a trained student beside its teacher.
-* `zero3_switched_off` / `gathered`: rank 0 evaluating alone after a DeepSpeed ZeRO-3 stage.
+* `left_padded`, `eval_mode`: a tokenizer padding on the left / a model in eval mode for the duration.
 
     from stages.tasks import exact_match_accuracy
     exact_match_accuracy(model, tokenizer, load_from_disk("runs/tiny/data/prompts")["test"])
@@ -17,9 +17,8 @@ Both take any causal LM with the HF API (`model(input_ids, attention_mask).logit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,22 @@ def answer_token_budget(tokenizer, answers: Sequence[str], slack: int = 2) -> in
 
 
 @contextmanager
-def _eval_mode(model):
+def left_padded(tokenizer) -> Iterator:
+    """`tokenizer` pads on the left inside the block (its own side restored after).
+
+    Batched prompts must be left-padded so every row's last prompt token sits at the same
+    position and new tokens follow it directly (the Mamba ignores padded positions via the mask).
+    """
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = saved_side
+
+
+@contextmanager
+def eval_mode(model):
     """Eval mode for the duration (no dropout), the caller's mode restored after."""
     was_training = model.training
     model.eval()
@@ -80,27 +94,22 @@ def generate_completions(
         raise ValueError("the tokenizer has no pad token: set one (e.g. pad_token = eos_token) before generating")
     eos_token_id = tokenizer.eos_token_id
     completions: list[str] = []
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with _eval_mode(model):
-            for start in range(0, len(prompts), batch_size):
-                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
-                batch = {key: value.to(model.device) for key, value in batch.items()}
-                generated = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos_token_id,
-                    synced_gpus=False,  # evaluation runs on one rank: never wait for the others per token
-                )
-                new_tokens = generated[:, batch["input_ids"].shape[1] :]  # [B, <= max_new_tokens]
-                for row in new_tokens.tolist():
-                    ids = cut_at_eos(row, eos_token_id)
-                    completions.append(tokenizer.decode(ids, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = saved_side
+    with left_padded(tokenizer), eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos_token_id,
+                synced_gpus=False,  # evaluation runs on one rank: never wait for the others per token
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]  # [B, <= max_new_tokens]
+            for row in new_tokens.tolist():
+                ids = cut_at_eos(row, eos_token_id)
+                completions.append(tokenizer.decode(ids, skip_special_tokens=True))
     return completions
 
 
@@ -148,7 +157,7 @@ def perplexity(model, corpus_ds, batch_size: int = 16, limit: int | None = None)
     if len(corpus_ds) == 0:
         raise ValueError("corpus dataset is empty: no perplexity")
     total_loss, total_tokens = 0.0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(corpus_ds), batch_size):
             input_ids = torch.tensor(corpus_ds[start : start + batch_size]["input_ids"], device=model.device)
             logits = model(input_ids=input_ids).logits[:, :-1].float()  # [B, L-1, V]
@@ -169,10 +178,8 @@ def compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budg
     """
     student.eval()
     input_ids = torch.tensor(blocks["input_ids"], device=student.device)  # [n, L]
-    report_t = spiking.estimate_energy(teacher, input_ids)
-    with spiking.count_spikes(student) as stats:
-        student(input_ids=input_ids)
-    report_s = spiking.estimate_energy(student, input_ids, stats=stats)
+    report_t, _ = spiking.measure(teacher, input_ids)
+    report_s, stats = spiking.measure(student, input_ids)
     accuracy = {
         name: exact_match_accuracy(model, tokenizer, test_prompts, max_new_tokens=budget, batch_size=batch_size)
         for name, model in (("student", student), ("teacher", teacher))
@@ -190,38 +197,3 @@ def compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budg
         "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,
     }
     return metrics, report_s
-
-
-# ------------------------------------------------------------------ rank 0 after a ZeRO-3 stage
-
-
-@contextmanager
-def zero3_switched_off() -> Iterator[None]:
-    """Rank 0 alone, after training: ZeRO-3 off for what transformers does next in this process.
-
-    While the Trainer's DeepSpeed ZeRO-3 config is live, `from_pretrained` shards a model it loads
-    (`zero.Init`) and `generate` all-reduces after every token (`synced_gpus`): both wait for the
-    other ranks, which have finished the stage, so rank 0 would hang. Restored on exit.
-    (transformers keeps that config in a module global; there is no public getter to restore it.)
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = live
-
-
-def is_zero3_partitioned(model: torch.nn.Module) -> bool:
-    """True when DeepSpeed ZeRO-3 holds `model`'s weights as shards (rank 0 has only its slice)."""
-    return hasattr(next(model.parameters()), "ds_id")
-
-
-def gathered(model: torch.nn.Module, out_dir: Path, load: Callable[[Path], torch.nn.Module]) -> torch.nn.Module:
-    """The model rank 0 evaluates: `model` itself, or under ZeRO-3 the whole model the stage has
-    just saved (gathered) into `out_dir`, loaded with `load`. Call it inside `zero3_switched_off()`."""
-    if not is_zero3_partitioned(model):
-        return model
-    return load(out_dir)

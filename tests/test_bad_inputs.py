@@ -79,8 +79,8 @@ def with_rl(recipe: dict, **rl) -> None:
     recipe["stages"]["rl"] = {"algo": "grpo", "rewards": ["arith_exact"], **rl}
 
 
-# (id, change to the recipe dict or raw file text, extra CLI arguments, what the message must say)
-Change = Callable[[dict, dict], Any] | str | None
+# (id, change to the recipe dict or raw file text (bytes: not UTF-8), extra CLI arguments, what the message must say)
+Change = Callable[[dict, dict], Any] | str | bytes | None
 CASES: list[tuple[str, Change, list[str], str]] = [
     # --- unknown keys
     ("unknown top-level key", lambda r, f: r.update(runn={}), [], r"runn: unknown key"),
@@ -134,7 +134,12 @@ CASES: list[tuple[str, Change, list[str], str]] = [
     ("reward listed twice", lambda r, f: with_rl(r, rewards=["arith_exact", {"arith_exact": 2}]), [],
      r"rewards: arith_exact listed twice"),
     # --- the recipe file and the command line
-    ("recipe is not YAML", "stages: {data: [\n", [], r"not valid YAML"),
+    ("recipe is not YAML", "stages: {data: [\n", [], r"not valid YAML at line 2, column 1: expected the node content"),
+    ("recipe is not UTF-8", b"run: {name: caf\xe9}\nstages: {data: {}}\n", [],
+     r"not UTF-8 text \(byte 0xe9 at line 1, offset 15\); save the recipe as UTF-8"),
+    ("recipe has a key twice", "stages:\n  data: {}\n  data: {seq_len: 8}\n", [],
+     r"not valid YAML at line 3, column 3: found the key 'data' twice"),
+    ("recipe has a non-name top-level key", "1: {}\nstages: {data: {}}\n", [], r"top-level key 1 is not a name"),
     ("recipe is empty", "", [], r"the recipe is empty"),
     ("recipe is a list", "- data\n- teacher\n", [], r"a recipe is a mapping with run / model / stages sections, got list"),
     ("recipe runs no stage", "stages: {}\n", [], r"stages: the recipe runs no stage"),
@@ -158,6 +163,19 @@ CASES: list[tuple[str, Change, list[str], str]] = [
     ("wrong text column in the prompt source", lambda r, f: set_path(r, "stages.data.prompt_source",
                                                                       files_source(f["good"], text_column="body")), [],
      r"stages\.data\.prompt_source\.text_column: no column 'body'"),
+    # --- every path-valued field, checked before the run folder exists
+    ("lm-eval include path missing", lambda r, f: r["stages"].update(
+        eval={"lm_eval": [], "lm_eval_include_path": str(f["tokenizer"].with_name("no_tasks"))}), [],
+     r"stages\.eval\.lm_eval_include_path: .*no_tasks is not a folder"),
+    ("unknown lm-eval task", lambda r, f: r["stages"].update(eval={"lm_eval": ["no_such_task"]}), [],
+     r"stages\.eval\.lm_eval: unknown lm-eval task 'no_such_task'"),
+    ("sparsify teacher folder missing", lambda r, f: r["stages"].update(
+        sparsify={"teacher": str(f["tokenizer"].with_name("no_teacher"))}), [],
+     r"stages\.sparsify\.teacher: .*no_teacher is not a folder"),
+    ("deepspeed config missing", lambda r, f: set_path(r, "stages.teacher.trainer", {"deepspeed": "no_such_ds.json"}), [],
+     r"stages\.teacher\.trainer\.deepspeed: no_such_ds\.json is not a file"),
+    ("trl deepspeed config missing", lambda r, f: with_rl(r, trl={"deepspeed": "no_such_ds.json"}), [],
+     r"stages\.rl\.trl\.deepspeed: no_such_ds\.json is not a file"),
     # --- tokenizer / teacher
     ("tokenizer folder missing", lambda r, f: set_path(r, "model.tokenizer", str(f["tokenizer"].with_name("nowhere"))), [],
      r"model\.tokenizer: cannot load '.*nowhere'"),
@@ -174,7 +192,9 @@ CASES: list[tuple[str, Change, list[str], str]] = [
 def test_bad_input_exits_2_with_one_clear_message_and_no_run_folder(case_id, change, extra, message, tmp_path, inputs, capsys):
     run_dir = tmp_path / "run"
     path = tmp_path / "recipe.yaml"
-    if isinstance(change, str):
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    elif isinstance(change, str):
         path.write_text(change)
     else:
         recipe = base_recipe(run_dir)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 import spiking
-from stages import data, distill, teacher
+from stages import data, distill, teacher, training
 from stages.context import ModelConfig, StageContext, TeacherArch, TeacherSource
 from tests.test_teacher_stage import CrashAfterSave
 
@@ -83,10 +83,10 @@ def test_hidden_term_is_the_mean_over_blocks_of_mse_and_weights_add_up():
 
 
 def test_sgc_schedule_anneals_linearly_to_zero_then_stays_there():
-    sgc = distill.SGCConfig(lambda0=0.5, anneal=0.8)
-    values = [distill.sgc_lambda(step, 100, sgc) for step in (0, 40, 80, 90, 100)]
+    sgc = training.SGCConfig(lambda0=0.5, anneal=0.8)
+    values = [training.sgc_lambda(step, 100, sgc) for step in (0, 40, 80, 90, 100)]
     assert values == pytest.approx([0.5, 0.25, 0.0, 0.0, 0.0])
-    assert distill.sgc_lambda(0, 100, False) == 0.0
+    assert training.sgc_lambda(0, 100, False) == 0.0
 
 
 def test_config_rejects_bad_values_with_the_field_name():

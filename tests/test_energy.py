@@ -110,7 +110,7 @@ def spiking_student(neurons, mlp=None, threshold=1.0, seed=0):
     model = SpikingMambaForCausalLM(cfg)
     for _, neuron in iter_neurons(model):
         with torch.no_grad():
-            neuron._log_threshold().fill_(math.log(threshold))
+            neuron.set_threshold_(torch.full((neuron.channels,), float(threshold)))
     return model.eval()
 
 

@@ -163,7 +163,7 @@ def test_config_errors_name_the_field(tmp_path):
         load_recipe(recipe)
     with pytest.raises(ValueError, match=r"stages\.eval\.lm_eval_include_path: .* is not a folder"):
         evaluate.build_task_manager(evaluate.Config(lm_eval=["arith_mc"], lm_eval_include_path=str(tmp_path / "nowhere")))
-    assert evaluate.Config().lm_eval == evaluate.PAPER_LM_EVAL_TASKS  # real recipes: the paper's six by default
+    assert evaluate.Config().lm_eval == evaluate.PAPER_TASKS  # real recipes: the paper's six by default
 
 
 def test_unfinished_or_absent_stages_are_missing_with_the_reason(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import pytest
 from pipeline import UserError
 from pipeline.manifest import (
     RunLock,
+    changed_code,
     code_version,
     fingerprint,
     read_manifest,
@@ -72,7 +74,7 @@ def test_versions_names_the_libraries():
 
 
 BASE = dict(stage="teacher", config={"max_steps": 10, "lr": 0.003}, upstream={"data": "f" * 64},
-            model={"teacher": {"hidden_size": 16}}, seed=0, code="c" * 64)
+            model={"teacher": {"hidden_size": 16}}, seed=0, code={"stages/teacher.py": "c" * 64})
 
 
 def test_fingerprint_is_a_stable_sha256():
@@ -91,7 +93,7 @@ def test_fingerprint_is_a_stable_sha256():
         {"upstream": {}},
         {"model": {"teacher": {"hidden_size": 32}}},
         {"seed": 1},
-        {"code": "d" * 64},
+        {"code": {"stages/teacher.py": "d" * 64}},
         {"stage": "distill"},
     ],
 )
@@ -102,11 +104,30 @@ def test_fingerprint_changes_with_each_input(change):
 def test_code_version_hashes_the_stage_source(tmp_path):
     source = tmp_path / "stage_x.py"
     source.write_text("def run(cfg, ctx):\n    return {}\n")
-    module = types.SimpleNamespace(__file__=str(source))
+    module = types.SimpleNamespace(__file__=str(source), __name__="stage_x")
     first = code_version(module)
-    assert first == code_version(module)
+    assert first == code_version(module) and list(first) == ["stage_x.py"]
     source.write_text("def run(cfg, ctx):\n    return {'changed': 1}\n")
-    assert code_version(module) != first
+    assert changed_code(first, code_version(module)) == ["stage_x.py"]
+
+
+def test_code_files_follow_the_project_imports_transitively(tmp_path):
+    # a stage outside the project that imports one project module inside a function (a lazy import)
+    source = tmp_path / "stage_y.py"
+    source.write_text("import json\n\ndef run(cfg, ctx):\n    from rewards.tasks import arith_exact\n    return {}\n")
+    files = set(code_version(types.SimpleNamespace(__file__=str(source), __name__="stage_y")))
+    assert {"stage_y.py", "rewards/__init__.py", "rewards/tasks.py"} <= files  # the package runs first
+    assert "rewards/energy.py" in files  # rewards/__init__ imports .energy (a relative import)
+    assert "spiking/neurons.py" in files  # ... which imports spiking, whose __init__ imports .neurons
+    assert not any(f.startswith(("pipeline/", "stages/")) for f in files)
+
+    real = {name: set(code_version(importlib.import_module(f"stages.{module}"))) for name, module in
+            (("data", "data"), ("distill", "distill"), ("rl", "rl"), ("eval", "evaluate"))}
+    assert "spiking/neurons.py" not in real["data"] and "stages/context.py" in real["data"]
+    assert {"spiking/neurons.py", "spiking/modeling.py", "stages/training.py", "stages/tasks.py"} <= real["distill"]
+    assert not any(f.startswith("rewards/") for f in real["distill"])
+    assert {"rewards/tasks.py", "stages/ppo.py", "stages/training.py"} <= real["rl"]
+    assert "stages/report.py" in real["eval"]
 
 
 # -------------------------------------------------------------------------------------- run lock

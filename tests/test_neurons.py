@@ -36,7 +36,7 @@ def wide_range_input(shape, seed=0):
 
 def set_threshold(neuron, values):
     with torch.no_grad():
-        neuron._log_threshold().copy_(torch.as_tensor(values, dtype=torch.float32).log())
+        neuron.set_threshold_(torch.as_tensor(values, dtype=torch.float32))
 
 
 # ------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class LossProbe(rl.GRPOWithSpikeRate):
 @pytest.mark.parametrize("weight", [0.0, 2.0])
 def test_grpo_loss_with_the_spike_term_is_trls_loss_plus_weight_times_rate(tmp_path, upstream, weight):
     tokenizer = AutoTokenizer.from_pretrained(upstream["distill"])
-    policy = rl.load_policy(upstream["distill"], make_ctx(tmp_path, "rl", upstream))
+    policy = rl.load_policy(upstream["distill"])
     prompts = load_from_disk(str(upstream["data"] / "prompts"))["train"]
     args = trl.GRPOConfig(
         output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
@@ -210,7 +210,7 @@ def test_grpo_loss_with_the_spike_term_is_trls_loss_plus_weight_times_rate(tmp_p
 
 def test_dpo_pairs_from_samples_pair_a_rewarded_with_an_unrewarded_answer(upstream):
     tokenizer = AutoTokenizer.from_pretrained(upstream["distill"])
-    policy = rl.load_policy(upstream["distill"], make_ctx(Path("/tmp"), "rl", upstream))
+    policy = rl.load_policy(upstream["distill"])
     prompts = load_from_disk(str(upstream["data"] / "prompts"))["train"]
 
     def even_length(completions, **kwargs):  # some samples get 1, some 0

@@ -113,7 +113,7 @@ def test_inherit_threshold_keeps_the_top_level_of_the_distilled_neuron():
     with torch.no_grad():
         old.log_V.copy_(torch.tensor([0.1, 0.2, 0.4]).log())
     new = spiking.make_neuron({"kind": "atmn", "T": 2}, channels=3)
-    sparsify.inherit_threshold(new, old)
+    spiking.inherit_threshold(new, old)
     # D·V = T·V_th: V_th = V·4/2
     assert torch.allclose(new.V_th, torch.tensor([0.2, 0.4, 0.8]))
     assert bool(new.calibrated)
@@ -205,7 +205,9 @@ def test_module_section_accepts_aliases_and_names_bad_keys():
     cfg = sparsify.Config(modules={"mixer.in_proj": "dense", "mlp_up": {"kind": "atmn", "T": 2}, "out_proj": "keep"})
     assert set(cfg.modules) == {"in_proj", "mlp.up", "out_proj"}
     assert cfg.modules["in_proj"].kind == "dense"
-    assert cfg.modules["mlp.up"].spec() == {"kind": "atmn", "T": 2, "tau": 1.0, "learnable": True}
+    assert cfg.modules["mlp.up"].spec().to_config() == {
+        "kind": "atmn", "T": 2, "tau": 1.0, "learnable": True, "lsq_grad_scale": True, "ata_momentum": 0.0
+    }
     with pytest.raises(ValidationError, match="modules.lm_foot"):
         sparsify.Config(modules={"lm_foot": "dense"})
     with pytest.raises(ValidationError, match=r"modules\.in_proj\.kind"):

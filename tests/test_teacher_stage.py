@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM, TrainerCallback
 
-from stages import data, teacher
+from stages import data, teacher, training
 from stages.context import ModelConfig, StageContext, TeacherArch, TeacherSource
 
 TINY_ARCH = TeacherArch(hidden_size=16, num_hidden_layers=1, state_size=4)
@@ -184,7 +184,7 @@ def test_saved_hf_teacher_computes_what_was_trained(tmp_path, data_dir):
     ctx = teacher_ctx(tmp_path, data_dir)
     teacher.run(teacher.Config(**TINY_TRAIN), ctx)
     hf = MambaForCausalLM.from_pretrained(ctx.out_dir).eval()
-    fast = teacher.load_compute_teacher(ctx.out_dir, ctx)
+    fast = training.load_compute_teacher(ctx.out_dir, ctx)
     ids = torch.tensor([[1, 5, 6, 12, 7, 8, 13]])
     torch.testing.assert_close(fast(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5, rtol=0)
 
@@ -199,7 +199,7 @@ def test_trainer_passthrough_is_checked_and_applied(tmp_path, data_dir):
     with pytest.raises(ValidationError, match="max_steps"):
         teacher.Config(max_steps=0)
     cfg = teacher.Config(**{**TINY_TRAIN, "trainer": {"max_grad_norm": 0.5, "adam_beta2": 0.95}})
-    args = teacher.build_training_args(cfg, teacher_ctx(tmp_path, data_dir))
+    args = training.build_training_args(cfg, teacher_ctx(tmp_path, data_dir))
     assert args.max_grad_norm == 0.5 and args.adam_beta2 == 0.95
     assert args.seed == 0 and args.data_seed == 0 and args.dataloader_num_workers == 0
     assert args.learning_rate == cfg.lr and args.max_steps == 6 and args.output_dir.endswith("checkpoints")

@@ -6,7 +6,7 @@
 `gate_neuron_ref` is exactly what the model's reference path computes (the scan's gate, then the
 neuron module's closed form from `spiking/neurons.py`, then SGC mixing), written as one function
 of tensors; `gate_neuron(..., backend="triton")` runs the fused kernel of `triton_neurons.py`.
-The neuron module's extras stay outside: the model passes `V = neuron._threshold_for(x)` (so
+The neuron module's extras stay outside: the model passes `V = neuron.threshold_for(x)` (so
 the LSQ gradient scale and the log-threshold apply through autograd) and falls back to the
 unfused path for what the kernel does not do (spike counting, ATA updates, ATMN with tau != 1).
 

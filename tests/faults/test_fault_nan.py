@@ -20,7 +20,7 @@ import pipeline.runner
 from pipeline.manifest import read_manifest
 from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
-from stages.teacher import NonFiniteLossError
+from stages.training import NonFiniteLossError
 from tests.faults.helpers import complete_checkpoints, copy_run, finished_run
 
 
