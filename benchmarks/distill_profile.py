@@ -80,9 +80,12 @@ def main() -> None:
 
     def step():
         with torch.no_grad():
-            t = teacher(input_ids=ids, output_hidden_states=True)
-        s = student(input_ids=ids, output_hidden_states=True)
-        loss = distillation_loss(s.logits, t.logits, s.hidden_states[:-1], t.hidden_states[:-1], ids, loss_cfg)["loss"]
+            t = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        s = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        heads = (student.get_output_embeddings(), teacher.get_output_embeddings())
+        loss = distillation_loss(
+            s.hidden_states[-1], t.hidden_states[-1], s.hidden_states[:-1], t.hidden_states[:-1], ids, loss_cfg, heads
+        )["loss"]
         loss.backward()
 
     # the scan entry point and every neuron's forward run inside named ranges

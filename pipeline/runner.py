@@ -565,7 +565,22 @@ def _logging(level: str, is_main_process: bool) -> Iterator[Callable[[Path], Non
 
 
 def _reset_peak_rss() -> None:
-    """Start a fresh peak-RSS window for this stage (Linux: `5 > /proc/self/clear_refs`)."""
+    """Start a fresh peak-RSS window for this stage (Linux: `5 > /proc/self/clear_refs`).
+
+    First the memory the previous stage freed is handed back to the system (`gc.collect`, then
+    glibc's `malloc_trim`): glibc keeps freed heap memory mapped, so without it a stage's "peak"
+    would start from the previous stage's leftovers.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may include freed memory
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:  # not Linux: the peak then covers the process so far

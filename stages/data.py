@@ -8,6 +8,9 @@ Sources (`stages.data.source`, exactly one kind):
   `37+48=` → `85`, generated offline, deterministic per seed, no problem in two splits.
 * `{hub: <dataset id>, split: train, text_column: text}`: `datasets.load_dataset` (needs the hub).
 * `{files: [a.jsonl, b.jsonl], format: jsonl, prompt_column: q, answer_column: a}`: local files.
+* `{text_folder: local/text, glob: ["**/*.rst.txt", "**/*.rst.gz"]}`: plain-text documents, one per
+  file (`.gz` read transparently), e.g. the Debian documentation `scripts/fetch_text_corpus.sh`
+  extracts. Text only: RL / accuracy prompts then come from `prompt_source`.
 
 The examples are deduplicated, then split three ways, without overlap: `test` (held out for every
 stage's metrics), `rl` (the RL prompts, held out of the teacher's corpus so RL sees problems the
@@ -40,7 +43,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from stages.context import ModelConfig, StageContext, StrictModel
+from stages.context import ModelConfig, StageContext, StrictModel, local_path
 
 GENERATORS = ("arithmetic",)  # names accepted by `source.synthetic`
 ARITHMETIC_ALPHABET = "0123456789+-*="
@@ -97,7 +100,24 @@ class SyntheticSource(StrictModel):
             raise ValueError(
                 f"source.digit_weights must be {len(self.digits)} non-negative numbers (one per digits entry), got {weights}"
             )
+        for (digits, operator, size), quota in zip(self.classes(), self.quotas()):
+            if quota > size:  # caught with the recipe, not when the data stage runs
+                raise ValueError(
+                    f"source.num_problems: {quota} problems asked of {digits}-digit '{operator}', which has only {size} "
+                    f"distinct problems: lower num_problems or change digits/digit_weights"
+                )
         return self
+
+    def classes(self) -> list[tuple[int, str, int]]:
+        """(digit count, operator, number of distinct problems) of every problem class."""
+        # operands of d digits: 0..9 for d = 1, else 10^(d-1)..10^d - 1; a problem is an ordered pair
+        return [(d, op, (10 if d == 1 else 9 * 10 ** (d - 1)) ** 2) for d in self.digits for op in self.operators]
+
+    def quotas(self) -> list[int]:
+        """Problems per class: num_problems split by digit_weights, operators equally (largest remainder)."""
+        weights = self.digit_weights or [1.0] * len(self.digits)
+        shares = [w / len(self.operators) for w in weights for _ in self.operators]
+        return _apportion(self.num_problems, [share / sum(shares) for share in shares])
 
 
 class _TextColumns(StrictModel):
@@ -155,14 +175,27 @@ class FilesSource(_TextColumns):
         return data
 
 
+class TextFolderSource(StrictModel):
+    """Plain-text documents from a local folder, one document per file, in sorted path order."""
+
+    text_folder: str = local_path(kind="folder", description="folder of text files (relative paths: from the working directory)")
+    glob: list[str] = Field(
+        default_factory=lambda: ["**/*.txt", "**/*.rst", "**/*.md"],
+        description="file patterns under text_folder; a file ending in .gz is decompressed (e.g. **/*.rst.gz)",
+    )
+    min_chars: int = Field(200, ge=1, description="skip files shorter than this (indexes, stubs): they teach little")
+    max_documents: int | None = Field(None, ge=1, description="use only the first N files after sorting (None = all)")
+    max_chars: int | None = Field(None, ge=1, description="cut each document after this many characters (None = whole)")
+
+
 def _source_kind(value: Any) -> str | None:
-    """Which source model a recipe dict is, by its key: synthetic, hub or files."""
+    """Which source model a recipe dict is, by its key: synthetic, hub, files or text_folder."""
     if isinstance(value, dict):
-        kinds = [k for k in ("synthetic", "hub", "files") if k in value]
+        kinds = [k for k in ("synthetic", "hub", "files", "text_folder") if k in value]
         if len(kinds) != 1:
             return None
         return kinds[0]
-    for kind, cls in (("synthetic", SyntheticSource), ("hub", HubSource), ("files", FilesSource)):
+    for kind, cls in (("synthetic", SyntheticSource), ("hub", HubSource), ("files", FilesSource), ("text_folder", TextFolderSource)):
         if isinstance(value, cls):
             return kind
     return None
@@ -173,11 +206,12 @@ Source = Annotated[
         Annotated[SyntheticSource, Tag("synthetic")],
         Annotated[HubSource, Tag("hub")],
         Annotated[FilesSource, Tag("files")],
+        Annotated[TextFolderSource, Tag("text_folder")],
     ],
     Discriminator(
         _source_kind,
         custom_error_type="source_kind",
-        custom_error_message="a source needs exactly one of the keys synthetic, hub or files",
+        custom_error_message="a source needs exactly one of the keys synthetic, hub, files or text_folder",
     ),
 ]
 
@@ -321,7 +355,36 @@ def load_examples(source, seed: int) -> tuple[Dataset, Dataset | None]:
         return _standardize(raw, source, source.hub), test
     if isinstance(source, FilesSource):
         return _standardize(_load_files(source), source, ", ".join(source.files)), None
+    if isinstance(source, TextFolderSource):
+        return Dataset.from_dict({"text": read_text_folder(source)}), None
     raise ValueError(f"unknown source {source!r}")
+
+
+def text_folder_files(source: TextFolderSource) -> list[Path]:
+    """The files `source.glob` matches under `source.text_folder`, sorted, each once."""
+    folder = Path(source.text_folder)
+    return sorted({path for pattern in source.glob for path in folder.glob(pattern) if path.is_file()})
+
+
+def read_text_folder(source: TextFolderSource) -> list[str]:
+    """One document per matched file (UTF-8, undecodable bytes replaced; .gz decompressed), files
+    shorter than min_chars skipped, cut at max_chars, at most max_documents."""
+    import gzip
+
+    documents = []
+    for path in text_folder_files(source):
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8", errors="replace").strip()
+        if len(text) < source.min_chars:
+            continue
+        documents.append(text[: source.max_chars] if source.max_chars else text)
+        if source.max_documents is not None and len(documents) >= source.max_documents:
+            break
+    if not documents:
+        raise ValueError(
+            f"source.text_folder: no file under {source.text_folder} matching {source.glob} has {source.min_chars}+ characters"
+        )
+    return documents
 
 
 def arithmetic_problems(source: SyntheticSource, seed: int) -> Dataset:
@@ -332,20 +395,9 @@ def arithmetic_problems(source: SyntheticSource, seed: int) -> Dataset:
     problems than its share asks for is an error, not a silent repeat.
     """
     rng = random.Random(seed)
-    weights = source.digit_weights or [1.0] * len(source.digits)
-    classes = [(d, op, w / len(source.operators)) for d, w in zip(source.digits, weights) for op in source.operators]
-    total_weight = sum(w for _, _, w in classes)
-    quotas = _apportion(source.num_problems, [w / total_weight for _, _, w in classes])
-
     problems: list[tuple[str, str]] = []
-    for (d, op, _), quota in zip(classes, quotas):
+    for (d, op, size), quota in zip(source.classes(), source.quotas()):  # quota <= size: the config checks it
         low, high = (0, 9) if d == 1 else (10 ** (d - 1), 10**d - 1)
-        size = (high - low + 1) ** 2
-        if quota > size:
-            raise ValueError(
-                f"source.synthetic arithmetic: {quota} problems asked of {d}-digit '{op}', which has only {size} "
-                f"distinct problems: lower num_problems or change digits/digit_weights"
-            )
         if quota > size // 2:  # dense: enumerate and sample, rejection sampling would crawl
             pairs = rng.sample(range(size), quota)
             operands = [(low + i // (high - low + 1), low + i % (high - low + 1)) for i in pairs]
@@ -427,6 +479,8 @@ def preflight(cfg: Config, ctx: StageContext) -> None:
     for field, source in (("source", cfg.source), ("prompt_source", cfg.prompt_source)):
         if isinstance(source, FilesSource):
             _peek_files(source, f"stages.data.{field}")
+        if isinstance(source, TextFolderSource) and Path(source.text_folder).is_dir() and not text_folder_files(source):
+            raise ValueError(f"stages.data.{field}.glob: no file under {source.text_folder} matches {source.glob}")
     if ctx.model.tokenizer is not None:
         try:
             AutoTokenizer.from_pretrained(ctx.model.tokenizer, trust_remote_code=ctx.model.trust_remote_code)
@@ -468,6 +522,8 @@ def _name(source) -> str:
         return f"synthetic:{source.synthetic}"
     if isinstance(source, HubSource):
         return f"hub:{source.hub}"
+    if isinstance(source, TextFolderSource):
+        return f"text_folder:{source.text_folder}"
     return "files:" + ",".join(source.files)
 
 

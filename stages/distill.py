@@ -39,8 +39,11 @@ from stages.training import (
     check_vocab,
     collate_blocks,
     deepspeed_off,
+    final_hidden,
     gathered,
+    head_logits_sums,
     load_compute_teacher,
+    next_token_targets,
     stage_callbacks,
     train_or_load,
 )
@@ -53,6 +56,10 @@ class LossConfig(StrictModel):
     hidden: float = Field(1.0, ge=0, description="mean over blocks of MSE between residual streams")
     ce: float = Field(0.0, ge=0, description="cross-entropy on the corpus labels")
     temperature: float = Field(1.0, gt=0, description="softmax temperature τ of the KL term")
+    chunk_tokens: int | None = Field(
+        1024, ge=1, description="tokens per chunk of the KL / CE terms: bounds the [tokens, vocab] logits' memory "
+        "(recomputed in backward); None = all tokens at once (one less head matmul, memory grows with batch·length)",
+    )
 
 
 class Config(TrainerKnobs):
@@ -71,34 +78,54 @@ class Config(TrainerKnobs):
     logging_steps: int = Field(20, ge=1, description="log losses, λ and firing rates every N steps")
 
 
+def vocabulary_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, loss: LossConfig) -> dict[str, torch.Tensor]:
+    """Sums over n tokens (methods.md §4): τ²·KL(p_T ‖ p_S) and the next-token CE (with w_ce > 0).
+
+    student_logits, teacher_logits: [n, V]; targets: [n] (-100 = not scored). Returns
+    {"kl": Σ_tokens τ²·KL, "ce": Σ_scored CE}: sums, so chunks of tokens add up.
+    """
+    tau = loss.temperature
+    log_q = F.log_softmax(student_logits / tau, dim=-1)
+    log_p = F.log_softmax(teacher_logits / tau, dim=-1)
+    sums = {"kl": F.kl_div(log_q, log_p, log_target=True, reduction="sum") * tau**2}
+    if loss.ce > 0:
+        sums["ce"] = F.cross_entropy(student_logits, targets, ignore_index=-100, reduction="sum")
+    return sums
+
+
 def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_final: torch.Tensor,
+    teacher_final: torch.Tensor,
     student_hidden: tuple[torch.Tensor, ...],
     teacher_hidden: tuple[torch.Tensor, ...],
     labels: torch.Tensor | None,
     loss: LossConfig,
+    heads: tuple[torch.nn.Module, torch.nn.Module],
+    chunk_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The three terms and their weighted sum.
+    """The three terms and their weighted sum (methods.md §4).
 
-    logits: [B, L, V]; hidden: one [B, L, D] per block (the residual stream after the block);
-    labels: [B, L] (next-token targets are labels shifted by one; -100 ignored).
-    Returns {"loss": weighted sum (differentiable), "kl", "hidden_mse", "ce": detached terms}.
+    student_final / teacher_final: the final hidden states [B, L, H] (after the last norm), read
+    by `heads` = (student LM head, teacher LM head); hidden: one [B, L, H] per block (the residual
+    stream after the block); labels: [B, L] (next-token targets are labels shifted by one; -100
+    ignored). The KL and CE terms run through `training.head_logits_sums`, `chunk_tokens` tokens
+    at a time. Returns {"loss": weighted sum (differentiable), "kl", "hidden_mse", "ce": detached}.
     KL is averaged over tokens (batchmean over B·L), as in MambaInLlama.
     """
-    tau = loss.temperature
-    vocab = student_logits.shape[-1]
-    log_q = F.log_softmax(student_logits.float().reshape(-1, vocab) / tau, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / tau, dim=-1)
-    kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * tau**2
+    tokens = student_final.shape[0] * student_final.shape[1]
+    use_ce = labels is not None and loss.ce > 0
+    targets = next_token_targets(labels) if use_ce else torch.full(student_final.shape[:2], -100, device=student_final.device)
+    sums = head_logits_sums(
+        lambda s, t, y: vocabulary_terms(s, t, y, loss if use_ce else loss.model_copy(update={"ce": 0.0})),
+        heads, (student_final, teacher_final), (targets,), chunk_tokens,
+    )
+    kl = sums["kl"] / tokens
+    zero = torch.zeros((), device=student_final.device)
+    ce = sums["ce"] / (targets != -100).sum().clamp(min=1) if use_ce else zero
     if student_hidden:
         hidden = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden, teacher_hidden)]).mean()
     else:
-        hidden = torch.zeros((), device=student_logits.device)
-    if labels is not None and loss.ce > 0:
-        ce = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
-    else:
-        ce = torch.zeros((), device=student_logits.device)
+        hidden = zero
     total = loss.kl * kl + loss.hidden * hidden + loss.ce * ce
     return {"loss": total, "kl": kl.detach(), "hidden_mse": hidden.detach(), "ce": ce.detach()}
 
@@ -115,23 +142,25 @@ class DistillTrainer(TeacherStudentTrainer):
         labels = inputs.get("labels")
         batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            t_out = self.teacher(**batch, output_hidden_states=want_hidden)
+            t_out = final_hidden(self.teacher, batch)
         counting, stats = self.counting(model), None
         student = self.accelerator.unwrap_model(model)
         if counting:
             with spiking.count_spikes(student) as stats:
-                s_out = model(**batch, output_hidden_states=want_hidden)
+                s_out = final_hidden(model, batch)
         else:
-            s_out = model(**batch, output_hidden_states=want_hidden)
+            s_out = final_hidden(model, batch)
         # hidden_states (HF Mamba convention): each block's output, then norm_f of the last one;
-        # [:-1] = the residual stream after every block, [B, L, D] each
+        # [:-1] = the residual stream after every block, [B, L, D] each; [-1] feeds the LM head
         terms = distillation_loss(
-            s_out.logits,
-            t_out.logits,
+            s_out.hidden_states[-1],
+            t_out.hidden_states[-1],
             s_out.hidden_states[:-1] if want_hidden else (),
             t_out.hidden_states[:-1] if want_hidden else (),
             labels,
             self.loss_cfg,
+            heads=(student.get_output_embeddings(), self.teacher.get_output_embeddings()),
+            chunk_tokens=self.loss_cfg.chunk_tokens,
         )
         self.record(model, terms, ("kl", "hidden_mse", "ce"), stats)
         return (terms["loss"], s_out) if return_outputs else terms["loss"]

@@ -64,8 +64,11 @@ from stages.training import (
     check_vocab,
     collate_blocks,
     deepspeed_off,
+    final_hidden,
     gathered,
+    head_logits_sums,
     load_compute_teacher,
+    next_token_targets,
     stage_callbacks,
     train_or_load,
 )
@@ -133,6 +136,10 @@ class SBDSConfig(StrictModel):
     temperature: float = Field(1.0, gt=0, description="softmax temperature τ of both KL terms (scaled by τ²)")
     ce: float = Field(
         0.0, ge=0, description="cross-entropy of the full-T output on the corpus labels (not in the paper; as distill's ce)"
+    )
+    chunk_tokens: int | None = Field(
+        1024, ge=1, description="tokens per chunk of the KL / CE terms (every step's [tokens, vocab] logits): bounds their "
+        "memory, recomputed in backward; None = all tokens at once",
     )
 
 
@@ -234,33 +241,33 @@ def spike_steps(model: torch.nn.Module) -> int:
 
 
 def forward_with_features(model, batch: dict, features: str | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """logits [B, L, V] and one feature [B, L, H] per block (none when `features` is None).
+    """The final hidden state [B, L, H] (what the LM head reads) and one feature [B, L, H] per block
+    (none when `features` is None). The vocabulary terms are computed from the final state by
+    `sbds_loss`, so no full [B, L, V] logits are made here.
 
     pre_norm: each block's output (HF's hidden_states[:-1]) = the residual stream entering the
     next block's RMSNorm, or norm_f for the last. post_norm: the outputs of those norms, taken
     with forward hooks (so they run inside the model's forward, where ZeRO-3 gathers weights).
     """
-    if features is None:
-        return model(**batch).logits, []
-    if features == "pre_norm":
-        out = model(**batch, output_hidden_states=True)
-        return out.logits, list(out.hidden_states[:-1])
+    if features != "post_norm":
+        out = final_hidden(model, batch)
+        return out.hidden_states[-1], (list(out.hidden_states[:-1]) if features == "pre_norm" else [])
     backbone = getattr(model, "module", model).backbone  # DDP wraps the model in .module
     norms = [block.norm for block in backbone.layers[1:]] + [backbone.norm_f]
     captured: list[torch.Tensor] = []
     handles = [norm.register_forward_hook(lambda _m, _a, output: captured.append(output)) for norm in norms]
     try:
-        logits = model(**batch).logits
+        out = final_hidden(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return logits, captured[: len(norms)]  # a gradient-checkpointing recompute may append more later
+    return out.hidden_states[-1], captured[: len(norms)]  # a gradient-checkpointing recompute may append more later
 
 
 def student_step_outputs(
     model, batch: dict, sbds: SBDSConfig, features: str | None, steps: int, count_in: torch.nn.Module | None = None
 ) -> tuple[list[tuple[torch.Tensor, list[torch.Tensor]]], spiking.SpikeStats | None]:
-    """([(logits_t, features_t)] for t = 0..steps-1, or the last step only; spike stats or None).
+    """([(final hidden_t, features_t)] for t = 0..steps-1, or the last step only; spike stats or None).
 
     Entry t runs every ATMN with its first t+1 steps; the last is the plain forward. With
     `count_in` (the unwrapped model) the spikes of that last, plain forward are counted.
@@ -278,41 +285,67 @@ def student_step_outputs(
     return outputs, stats
 
 
+def sbds_vocabulary_terms(teacher_logits: torch.Tensor, *rest: torch.Tensor, sbds: SBDSConfig) -> dict[str, torch.Tensor]:
+    """Sums over n tokens of SBDS's KL terms per step t and the last step's CE (methods.md §6).
+
+    teacher_logits [n, V] (p_T); rest = one student logits [n, V] per step (q_t), then the
+    next-token targets [n] (-100 = not scored). Returns {"forward/t": Σ KL(p_T ‖ q_t),
+    "reverse/t": Σ KL(q_t ‖ p_T), "ce": Σ CE of the last step (with sbds.ce > 0)}.
+    """
+    *step_logits, targets = rest
+    tau = sbds.temperature
+    log_p = F.log_softmax(teacher_logits / tau, dim=-1)
+    sums = {}
+    for t, logits in enumerate(step_logits):
+        log_q = F.log_softmax(logits / tau, dim=-1)
+        sums[f"forward/{t}"] = F.kl_div(log_q, log_p, log_target=True, reduction="sum")  # KL(p_T ‖ q_t)
+        sums[f"reverse/{t}"] = F.kl_div(log_p, log_q, log_target=True, reduction="sum")  # KL(q_t ‖ p_T)
+    if sbds.ce > 0:
+        sums["ce"] = F.cross_entropy(step_logits[-1], targets, ignore_index=-100, reduction="sum")
+    return sums
+
+
 def sbds_loss(
-    step_logits: Sequence[torch.Tensor],
-    teacher_logits: torch.Tensor,
+    step_final: Sequence[torch.Tensor],
+    teacher_final: torch.Tensor,
     step_features: Sequence[Sequence[torch.Tensor]],
     teacher_features: Sequence[torch.Tensor],
     sbds: SBDSConfig,
-    labels: torch.Tensor | None = None,
+    labels: torch.Tensor | None,
+    heads: tuple[torch.nn.Module, torch.nn.Module],
 ) -> dict[str, torch.Tensor]:
-    """The SBDS loss and its terms.
+    """The SBDS loss and its terms (methods.md §6).
 
-    step_logits: one [B, L, V] per step t (q_t); teacher_logits [B, L, V] (p_T); step_features:
-    per step, one [B, L, H] per block; teacher_features: one [B, L, H] per block.
-    KLs are averaged over tokens (batchmean over B·L) and over steps; the feature term is the
-    mean over steps and blocks of the per-element MSE.
-    labels [B, L] (optional): with `sbds.ce` > 0, the cross-entropy of the last step's logits on
-    the next tokens (labels shifted by one, -100 ignored) is added with weight `ce`.
+    step_final: the student's final hidden state [B, L, H] per step t (its LM head gives q_t);
+    teacher_final [B, L, H] (the teacher's head gives p_T); heads = (student head, teacher head);
+    step_features: per step, one [B, L, H] per block; teacher_features: one [B, L, H] per block.
+    The vocabulary terms run through `training.head_logits_sums`, `sbds.chunk_tokens` tokens at a
+    time (teacher logits once per chunk for every step). KLs are averaged over tokens (batchmean
+    over B·L) and over steps; the feature term is the mean over steps and blocks of the
+    per-element MSE. labels [B, L] (optional): with `sbds.ce` > 0, the cross-entropy of the last
+    step's logits on the next tokens (labels shifted by one, -100 ignored) is added with weight `ce`.
     Returns {"loss" (differentiable), "kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"}.
     """
     tau = sbds.temperature
-    vocab = teacher_logits.shape[-1]
-    log_p = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / tau, dim=-1)
-    forward, reverse = [], []
-    for logits in step_logits:
-        log_q = F.log_softmax(logits.float().reshape(-1, vocab) / tau, dim=-1)
-        forward.append(F.kl_div(log_q, log_p, log_target=True, reduction="batchmean"))  # KL(p_T ‖ q_t)
-        reverse.append(F.kl_div(log_p, log_q, log_target=True, reduction="batchmean"))  # KL(q_t ‖ p_T)
+    tokens = teacher_final.shape[0] * teacher_final.shape[1]
+    use_ce = sbds.ce > 0 and labels is not None
+    targets = next_token_targets(labels) if use_ce else torch.full(teacher_final.shape[:2], -100, device=teacher_final.device)
+    terms_cfg = sbds if use_ce else sbds.model_copy(update={"ce": 0.0})
+    student_head, teacher_head = heads
+    sums = head_logits_sums(
+        lambda *logits: sbds_vocabulary_terms(*logits, sbds=terms_cfg),
+        (teacher_head, *[student_head] * len(step_final)), (teacher_final, *step_final), (targets,), sbds.chunk_tokens,
+    )
+    forward = [sums[f"forward/{t}"] / tokens for t in range(len(step_final))]
+    reverse = [sums[f"reverse/{t}"] / tokens for t in range(len(step_final))]
     kl_forward = torch.stack(forward).mean() * tau**2
     kl_reverse = torch.stack(reverse).mean() * tau**2
     mses = [F.mse_loss(s.float(), t.float()) for feats in step_features for s, t in zip(feats, teacher_features)]
-    feature = torch.stack(mses).mean() if mses else torch.zeros((), device=teacher_logits.device)
+    feature = torch.stack(mses).mean() if mses else torch.zeros((), device=teacher_final.device)
     total = sbds.alpha * kl_forward + sbds.beta * kl_reverse + sbds.gamma * feature
-    ce = torch.zeros((), device=teacher_logits.device)
-    if sbds.ce > 0 and labels is not None:
-        last = step_logits[-1]
-        ce = F.cross_entropy(last[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ce = torch.zeros((), device=teacher_final.device)
+    if use_ce:
+        ce = sums["ce"] / (targets != -100).sum().clamp(min=1)
         total = total + sbds.ce * ce
     return {
         "loss": total,
@@ -335,7 +368,7 @@ class SparsifyTrainer(TeacherStudentTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            t_logits, t_features = forward_with_features(self.teacher, batch, self.features)
+            t_final, t_features = forward_with_features(self.teacher, batch, self.features)
         student = self.accelerator.unwrap_model(model)
         steps = spike_steps(student)
         # spikes of the plain (last-step) forward, on logging steps only
@@ -343,10 +376,11 @@ class SparsifyTrainer(TeacherStudentTrainer):
             model, batch, self.sbds, self.features, steps, student if self.counting(model) else None
         )
         terms = sbds_loss(
-            [o[0] for o in outputs], t_logits, [o[1] for o in outputs], t_features, self.sbds, inputs.get("labels")
+            [o[0] for o in outputs], t_final, [o[1] for o in outputs], t_features, self.sbds, inputs.get("labels"),
+            heads=(student.get_output_embeddings(), self.teacher.get_output_embeddings()),
         )
         self.record(model, terms, ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"), stats)
-        return (terms["loss"], {"logits": outputs[-1][0]}) if return_outputs else terms["loss"]
+        return (terms["loss"], {"hidden_states": outputs[-1][0]}) if return_outputs else terms["loss"]
 
 
 # ------------------------------------------------------------------------------ module report

@@ -9,7 +9,9 @@ No stage lives here; teacher, distill, sparsify and rl import what they need:
   every step), `load_checkpoint_weights`.
 * `load_compute_teacher`, `check_vocab`: the frozen teacher a student learns from.
 * `SGCConfig`, `sgc_lambda`, `SGCSchedule` (methods.md §3) and `TeacherStudentTrainer`, the base of
-  the distill and sparsify trainers (loss-term averaging, firing-rate and λ logging).
+  the distill and sparsify trainers (loss-term averaging, firing-rate and λ logging), with
+  `head_logits_sums`: the KD / SBDS vocabulary terms computed chunk by chunk over tokens, from the
+  final hidden states through each model's LM head (methods.md §4, bounded memory).
 * `deepspeed_off`, `is_zero3_partitioned`, `gathered`: rank 0 evaluating alone after a ZeRO-3 stage.
 
     from stages.training import TrainerKnobs, build_training_args, train_or_load
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.utils.checkpoint
 from pydantic import Field, field_validator
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -328,6 +331,70 @@ class SGCSchedule(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         spiking.set_sgc_lambda(self.model, sgc_lambda(state.global_step, state.max_steps, self.sgc))
+
+
+# ------------------------------------------------------------------------------ vocabulary terms in chunks
+
+
+def head_logits_sums(
+    fn: Callable[..., dict[str, torch.Tensor]],
+    heads: Sequence[torch.nn.Module],
+    hidden: Sequence[torch.Tensor],
+    extras: Sequence[torch.Tensor] = (),
+    chunk_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Σ over token chunks of `fn(*logits, *extras)`, each logits tensor [n, V] = `head(hidden)`.
+
+    hidden: final hidden states [B, L, H], one per model, `hidden[i]` going through `heads[i]`
+    (an LM head module; called, not its weight read, so ZeRO-3 gathers it); extras: per-token
+    tensors [B, L, ...] (e.g. next-token targets). `fn` returns a dict of scalar SUMS over its
+    tokens (the caller divides by the token count). A head whose hidden state needs no gradient
+    (the frozen teacher) runs under no_grad.
+
+    The [B·L, V] logits are what a KD loss at a 50 k vocabulary spends its memory on (several
+    fp32 copies: both models' logits, log-softmaxes, the gradient). With `chunk_tokens` smaller
+    than B·L, each chunk of tokens runs under non-reentrant activation checkpointing: its logits
+    exist only while that chunk is computed, in the forward and again in the backward (which
+    recomputes the chunk's head matmuls: one extra forward of each head per step, the price of
+    the bounded memory). With `chunk_tokens` None or >= B·L the logits are computed in one call
+    on [B, L, H], exactly as the model's own forward computes them (the same numbers).
+    """
+    batch, length = hidden[0].shape[:2]
+    tokens = batch * length
+
+    def run(*parts):
+        hs, rest = parts[: len(heads)], parts[len(heads) :]
+        logits = []
+        for head, h in zip(heads, hs):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and h.requires_grad):
+                logits.append(head(h.to(head.weight.dtype)).float().reshape(-1, head.out_features))
+        return fn(*logits, *[r.reshape(-1, *r.shape[2:]) for r in rest])
+
+    if chunk_tokens is None or chunk_tokens >= tokens:
+        return run(*hidden, *extras)
+    flat = [t.reshape(tokens, 1, *t.shape[2:]) for t in (*hidden, *extras)]  # [n, 1, ...]: "batch" of one-token rows
+    totals: dict[str, torch.Tensor] = {}
+    for start in range(0, tokens, chunk_tokens):
+        parts = [t[start : start + chunk_tokens] for t in flat]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in parts):
+            sums = torch.utils.checkpoint.checkpoint(run, *parts, use_reentrant=False)
+        else:
+            sums = run(*parts)
+        for key, value in sums.items():
+            totals[key] = totals[key] + value if key in totals else value
+    return totals
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, L] -> targets [B, L]: position i is scored on labels[i + 1]; the last on nothing (-100)."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+
+
+def final_hidden(model, batch: dict, **kwargs):
+    """`model(**batch)` with every hidden state and the logits of the last position only: the
+    caller computes the vocabulary terms through `head_logits_sums` (HF Mamba / Llama: the last
+    entry of `hidden_states` is after the final norm, what the LM head reads)."""
+    return model(**batch, output_hidden_states=True, logits_to_keep=1, **kwargs)
 
 
 class TeacherStudentTrainer(Trainer):

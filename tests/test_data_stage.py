@@ -116,11 +116,11 @@ def test_preference_pairs(tmp_path):
 def test_bad_synthetic_sources():
     with pytest.raises(ValidationError, match="unknown generator 'calculus'"):
         data.Config(source={"synthetic": "calculus"})
-    with pytest.raises(ValueError, match="only 100 distinct problems"):
-        data.arithmetic_problems(data.SyntheticSource(digits=[1], num_problems=150), seed=0)
+    with pytest.raises(ValidationError, match=r"num_problems: 150 problems asked of 1-digit '\+', which has only 100 distinct problems"):
+        data.Config(source={"synthetic": "arithmetic", "digits": [1], "num_problems": 150})  # with the recipe, not at run time
     with pytest.raises(ValidationError, match="digit_weights"):
         data.Config(source={"synthetic": "arithmetic", "digits": [1, 2], "digit_weights": [1.0]})
-    with pytest.raises(ValidationError, match="exactly one of the keys synthetic, hub or files"):
+    with pytest.raises(ValidationError, match="exactly one of the keys synthetic, hub, files or text_folder"):
         data.Config(source={"synthetic": "arithmetic", "files": ["a.jsonl"]})
     with pytest.raises(ValidationError, match="seq_len"):
         data.Config(seq_len=1)

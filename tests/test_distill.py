@@ -55,6 +55,19 @@ def upstream(tmp_path_factory) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- the loss, by hand
 
 
+def eye_head(vocab: int) -> torch.nn.Linear:
+    """An LM head that passes its input through (identity weight): hand-written logits go in as the
+    'final hidden state'."""
+    head = torch.nn.Linear(vocab, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(vocab))
+    return head
+
+
+def heads_for(logits: torch.Tensor) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    return eye_head(logits.shape[-1]), eye_head(logits.shape[-1])
+
+
 def test_kl_term_equals_hand_computed_value_with_temperature():
     # one position, vocab 2: p_T = softmax([0, ln 3]/τ), p_S = softmax([0, 0]/τ) = (1/2, 1/2)
     teacher_logits = torch.tensor([[[0.0, math.log(3.0)]]])
@@ -63,7 +76,7 @@ def test_kl_term_equals_hand_computed_value_with_temperature():
         cfg = distill.LossConfig(kl=1.0, hidden=0.0, ce=0.0, temperature=tau)
         p = torch.softmax(teacher_logits[0, 0] / tau, -1).tolist()
         expected = tau**2 * sum(pi * math.log(pi / 0.5) for pi in p)
-        terms = distill.distillation_loss(student_logits, teacher_logits, (), (), None, cfg)
+        terms = distill.distillation_loss(student_logits, teacher_logits, (), (), None, cfg, heads_for(student_logits))
         print(f"tau={tau}: kl={terms['kl'].item():.6f}, hand={expected:.6f}")
         assert terms["kl"].item() == pytest.approx(expected, rel=1e-6)
         assert terms["loss"].item() == pytest.approx(expected, rel=1e-6)
@@ -75,11 +88,37 @@ def test_hidden_term_is_the_mean_over_blocks_of_mse_and_weights_add_up():
     logits = torch.zeros(1, 2, 3)
     labels = torch.tensor([[0, 1]])  # predicts token 1 from position 0: CE = ln 3 for uniform logits
     cfg = distill.LossConfig(kl=1.0, hidden=0.5, ce=2.0)
-    terms = distill.distillation_loss(logits, logits, s_hidden, t_hidden, labels, cfg)
+    terms = distill.distillation_loss(logits, logits, s_hidden, t_hidden, labels, cfg, heads_for(logits))
     assert terms["hidden_mse"].item() == pytest.approx(5.0)
     assert terms["kl"].item() == pytest.approx(0.0, abs=1e-7)
     assert terms["ce"].item() == pytest.approx(math.log(3.0), rel=1e-6)
     assert terms["loss"].item() == pytest.approx(0.5 * 5.0 + 2.0 * math.log(3.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("ce", [0.0, 1.0])
+def test_chunked_vocabulary_terms_equal_the_whole_batch_ones_with_their_gradients(ce):
+    # 2 rows × 37 tokens in chunks of 16 (the last chunk short), vocab 300: loss and gradients
+    # (student final state, student head, through the hidden term too) as with no chunking
+    torch.manual_seed(0)
+    B, L, H, V = 2, 37, 24, 300
+    heads = (torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False))
+    student_final, teacher_final = torch.randn(B, L, H, requires_grad=True), torch.randn(B, L, H)
+    s_hidden, t_hidden = (torch.randn(B, L, H, requires_grad=True),), (torch.randn(B, L, H),)
+    labels = torch.randint(0, V, (B, L))
+    results = []
+    for chunk in (None, 16):
+        cfg = distill.LossConfig(kl=1.0, hidden=0.5, ce=ce, temperature=2.0, chunk_tokens=chunk)
+        terms = distill.distillation_loss(student_final, teacher_final, s_hidden, t_hidden, labels, cfg, heads, chunk)
+        grads = torch.autograd.grad(terms["loss"], [student_final, s_hidden[0], heads[0].weight])
+        results.append((terms, grads))
+    (whole, g_whole), (chunked, g_chunked) = results
+    for key in ("loss", "kl", "ce", "hidden_mse"):
+        print(key, whole[key].item(), chunked[key].item())
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_whole, g_chunked):
+        print("max grad diff", (a - b).abs().max().item())
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert heads[1].weight.grad is None  # the teacher's head is never differentiated
 
 
 def test_sgc_schedule_anneals_linearly_to_zero_then_stays_there():

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import spiking
 from stages import distill, sparsify, teacher
 from stages.context import ModelConfig, TeacherArch, TeacherSource
-from tests.test_distill import TINY_DISTILL, make_ctx, upstream  # noqa: F401 - upstream is a fixture
+from tests.test_distill import TINY_DISTILL, heads_for, make_ctx, upstream  # noqa: F401 - upstream is a fixture
 from tests.test_teacher_stage import CrashAfterSave
 
 TINY_SPARSIFY = {
@@ -59,12 +59,12 @@ def test_sbds_with_alpha_1_beta_0_gamma_0_is_the_plain_forward_kl():
     torch.manual_seed(0)
     teacher_logits, student_logits = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     cfg = sparsify.SBDSConfig(alpha=1.0, beta=0.0, gamma=0.0)
-    plain = distill.distillation_loss(student_logits, teacher_logits, (), (), None, distill.LossConfig(kl=1, hidden=0))
-    terms = sparsify.sbds_loss([student_logits], teacher_logits, [[]], [], cfg)
+    plain = distill.distillation_loss(student_logits, teacher_logits, (), (), None, distill.LossConfig(kl=1, hidden=0), heads_for(student_logits))
+    terms = sparsify.sbds_loss([student_logits], teacher_logits, [[]], [], cfg, None, heads_for(teacher_logits))
     print(f"sbds={terms['loss'].item():.8f} distill kl={plain['kl'].item():.8f}")
     assert terms["loss"].item() == pytest.approx(plain["kl"].item(), rel=1e-6)
     # the same q at every step: the step average changes nothing
-    terms3 = sparsify.sbds_loss([student_logits] * 3, teacher_logits, [[]] * 3, [], cfg)
+    terms3 = sparsify.sbds_loss([student_logits] * 3, teacher_logits, [[]] * 3, [], cfg, None, heads_for(teacher_logits))
     assert terms3["loss"].item() == pytest.approx(plain["kl"].item(), rel=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_sbds_terms_equal_hand_computed_values():
     t_feat = [torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)]
     s_feat = [[torch.ones(1, 1, 2), torch.full((1, 1, 2), 3.0)], [torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)]]
     cfg = sparsify.SBDSConfig(alpha=0.2, beta=0.7, gamma=1.0)
-    terms = sparsify.sbds_loss([q0, q1], teacher_logits, s_feat, t_feat, cfg)
+    terms = sparsify.sbds_loss([q0, q1], teacher_logits, s_feat, t_feat, cfg, None, heads_for(teacher_logits))
     print({k: round(v.item(), 6) for k, v in terms.items()}, forward0, reverse0)
     assert terms["kl_forward"].item() == pytest.approx(forward0 / 2, rel=1e-6)  # (1/T) Σ_t, q_1 costs 0
     assert terms["kl_reverse"].item() == pytest.approx(reverse0 / 2, rel=1e-6)
@@ -97,15 +97,37 @@ def test_sbds_ce_term_is_the_last_steps_cross_entropy_on_the_next_tokens():
     earlier = torch.zeros(1, 3, 2)
     labels = torch.tensor([[0, 1, 1]])
     cfg = sparsify.SBDSConfig(alpha=0.0, beta=0.0, gamma=0.0, ce=0.5)
-    terms = sparsify.sbds_loss([earlier, last], last, [[], []], [], cfg, labels)
+    terms = sparsify.sbds_loss([earlier, last], last, [[], []], [], cfg, labels, heads_for(last))
     print({k: round(v.item(), 6) for k, v in terms.items()})
     assert terms["ce"].item() == pytest.approx(-math.log(0.75), rel=1e-6)
     assert terms["loss"].item() == pytest.approx(0.5 * -math.log(0.75), rel=1e-6)
     # ce = 0 (the default): the labels change nothing
     plain = sparsify.SBDSConfig()
-    with_labels = sparsify.sbds_loss([earlier, last], last, [[], []], [], plain, labels)
-    without = sparsify.sbds_loss([earlier, last], last, [[], []], [], plain)
+    with_labels = sparsify.sbds_loss([earlier, last], last, [[], []], [], plain, labels, heads_for(last))
+    without = sparsify.sbds_loss([earlier, last], last, [[], []], [], plain, None, heads_for(last))
     assert with_labels["loss"].item() == without["loss"].item()
+
+
+def test_chunked_sbds_equals_the_whole_batch_loss_with_its_gradients():
+    # T = 3 steps, 2 rows × 29 tokens in chunks of 8, vocab 200, CE on: loss and gradients as with no chunking
+    torch.manual_seed(0)
+    B, L, H, V, T = 2, 29, 16, 200, 3
+    heads = (torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False))
+    steps = [torch.randn(B, L, H, requires_grad=True) for _ in range(T)]
+    teacher_final = torch.randn(B, L, H)
+    labels = torch.randint(0, V, (B, L))
+    results = []
+    for chunk in (None, 8):
+        cfg = sparsify.SBDSConfig(gamma=0.0, ce=0.5, temperature=1.5, chunk_tokens=chunk)
+        terms = sparsify.sbds_loss(steps, teacher_final, [[]] * T, [], cfg, labels, heads)
+        results.append((terms, torch.autograd.grad(terms["loss"], [*steps, heads[0].weight])))
+    (whole, g_whole), (chunked, g_chunked) = results
+    for key in ("loss", "kl_forward", "kl_reverse", "kl_forward_last", "ce"):
+        print(key, whole[key].item(), chunked[key].item())
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_whole, g_chunked):
+        print("max grad diff", (a - b).abs().max().item())
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_inherit_threshold_keeps_the_top_level_of_the_distilled_neuron():
@@ -169,12 +191,12 @@ def test_spike_aware_distributions_use_the_atmn_partial_spike_sums():
         finally:
             for h in handles:
                 h.remove()
-        print(f"t={t}: max |Δ logits| = {(outputs[t][0] - manual.logits).abs().max():.3g}")
-        assert torch.equal(outputs[t][0], manual.logits), t
+        print(f"t={t}: max |Δ final state| = {(outputs[t][0] - manual.hidden_states[-1]).abs().max():.3g}")
+        assert torch.equal(outputs[t][0], manual.hidden_states[-1]), t  # what the LM head reads
         for got, want in zip(outputs[t][1], manual.hidden_states[:-1]):
             assert torch.equal(got, want)
     with torch.no_grad():
-        plain = model(**batch).logits
+        plain = model(**batch, output_hidden_states=True).hidden_states[-1]
     assert torch.equal(outputs[-1][0], plain)  # the last step is the deployed forward
     assert not torch.equal(outputs[0][0], outputs[-1][0])  # one step is not the full train
     assert all(n.active_steps is None for _, n in spiking.iter_neurons(model) if isinstance(n, spiking.ATMN))
