@@ -90,8 +90,9 @@ class LoraSpec(StrictModel):
     r: int = Field(8, ge=1, description="adapter rank: more = more capacity, more memory")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: list[str] | None = Field(
-        None, description="mixer linear layers (in_proj, x_proj, dt_proj); None: spiking.lora_target_modules()"
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="PEFT's target_modules: layer names (in_proj, x_proj, dt_proj, out_proj, ...) or "
+        "'all-linear'; None: spiking.lora_target_modules() = [in_proj, x_proj, dt_proj]"
     )
     merge: bool = Field(True, description="true: merge into the saved model; false: save the adapter only")
 
@@ -190,7 +191,9 @@ def load_tokenizer(model_dir: Path, data_dir: Path):
 def apply_lora(model, lora: LoraSpec):
     if peft is None:
         raise ImportError("stages.rl.lora needs peft: pip install 'peft==0.21.2'")
-    targets = spiking.lora_target_modules(tuple(lora.target_modules)) if lora.target_modules else spiking.lora_target_modules()
+    # passed to PEFT as given: no neuron's name ends in a projection's name, so PEFT's own forms
+    # (a list of layer names, "all-linear") adapt the projections and never a neuron
+    targets = lora.target_modules if lora.target_modules else spiking.lora_target_modules()
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(model, config)

@@ -45,14 +45,14 @@ def test_calibration_uses_teacher_activations_and_real_tokens_only():
     block = t.backbone.layers[0]
     inputs = torch.cat([block.norm(t.backbone.embeddings(b["input_ids"])).reshape(-1, 32) for b in batches()])
     expected = torch.quantile(inputs.abs(), 0.999, dim=0) / 4
-    torch.testing.assert_close(s.backbone.layers[0].mixer.neurons["in_proj"].V, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s.backbone.layers[0].mixer.neuron("in_proj").V, expected, atol=1e-5, rtol=1e-4)
     # padded rows are left out: padding half of a batch gives the thresholds of the unpadded half
     padded = [{"input_ids": b["input_ids"], "attention_mask": torch.cat([torch.zeros(3, 5), torch.ones(3, 5)], 1)}
               for b in batches()]
     s2 = from_teacher(t, neurons={"in_proj": {"kind": "si_lif", "D": 4}}, calibration_batches=padded)
     tail = torch.cat([block.norm(t.backbone.embeddings(b["input_ids"][:, 5:])).reshape(-1, 32) for b in batches()])
     torch.testing.assert_close(
-        s2.backbone.layers[0].mixer.neurons["in_proj"].V, torch.quantile(tail.abs(), 0.999, dim=0) / 4,
+        s2.backbone.layers[0].mixer.neuron("in_proj").V, torch.quantile(tail.abs(), 0.999, dim=0) / 4,
         atol=1e-5, rtol=1e-4,
     )
 
@@ -61,7 +61,7 @@ def test_calibrate_restores_modes_and_can_skip_calibrated():
     s = from_teacher(teacher(), neurons=default_neurons(), spiking=False).train()
     assert calibrate(s, batches()) == 4
     assert s.training and s.config.spiking is False
-    neuron = s.backbone.layers[0].mixer.neurons["out_proj"]
+    neuron = s.backbone.layers[0].mixer.neuron("out_proj")
     before = neuron.V.clone()
     assert calibrate(s, batches(seed=9), skip_calibrated=True) == 0
     torch.testing.assert_close(neuron.V, before, atol=0, rtol=0)
