@@ -56,7 +56,7 @@ import rewards as rewards_lib
 import spiking
 from rewards.energy import SpikeRateRegulariser
 from stages import tasks
-from stages.context import StageContext, StrictModel
+from stages.context import HubRepo, StageContext, StrictModel, push_to_hub_field
 from stages.ppo import PPOConfig, PPOTrainer
 from stages.training import (
     check_vocab,
@@ -129,6 +129,7 @@ class Config(StrictModel):
     dpo: DPOPairs = Field(default_factory=DPOPairs, description="preference pairs for algo: dpo")
     eval_samples: int = Field(200, ge=1, description="held-out prompts for accuracy and spike counts before / after")
     eval_batch_size: int = Field(64, ge=1, description="prompts per evaluation forward")
+    push_to_hub: HubRepo | None = push_to_hub_field()
 
     @field_validator("rewards")
     @classmethod
@@ -150,6 +151,15 @@ class Config(StrictModel):
             return self
         check_trl_keys(self.trl, self.algo)
         return self
+
+
+# What the model card (README.md in the output folder, pipeline/model_card.py) shows of this
+# stage's metrics: card field -> metric name; a field the stage does not measure is left out.
+CARD_METRICS = {
+    "accuracy": "accuracy_after", "samples": "eval_samples", "firing_rate": "firing_rate_after",
+    "energy_pj_per_token": "energy_pj_per_token_after", "energy_ratio": "energy_ratio_after",
+    "accuracy_before": "accuracy_before",
+}
 
 
 def check_trl_keys(trl_block: dict[str, Any], algo: str) -> dict[str, Any]:
