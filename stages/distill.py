@@ -13,8 +13,9 @@ library. SGC (methods.md §3) mixes the continuous input back in with λ anneale
 first `anneal` fraction of steps by a `TrainerCallback`; the rest trains the pure spiking forward.
 
 Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
-`AutoModelForCausalLM.from_pretrained` after `import spiking`) and the tokenizer; checkpoints go to
-`run_dir/distill/checkpoints/`.
+`AutoModelForCausalLM.from_pretrained` after `import spiking`, or with `trust_remote_code=True`
+without spikerl: the folder carries its modeling code), the tokenizer and the runner's model card;
+checkpoints go to `run_dir/distill/checkpoints/`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ any model folder (`teacher: path`), run through `spiking.from_teacher(..., neuro
 dense model in the project's own (fast) mixer, same numbers as HF Mamba.
 
 Output: `run_dir/sparsify/` holds the refined student (`save_pretrained`, loadable with
-`AutoModelForCausalLM.from_pretrained` after `import spiking`) and the tokenizer; checkpoints in
+`AutoModelForCausalLM.from_pretrained` after `import spiking`, or with `trust_remote_code=True`
+without spikerl), the tokenizer and the runner's model card; checkpoints in
 `run_dir/sparsify/checkpoints/`. Metrics: held-out accuracy and perplexity of teacher and student,
 firing rate per module type, energy pJ/token of both and the ratio teacher/student, and the same
 for the distilled student before refinement (`distilled_*`), on the same tokens.
