@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,32 +139,149 @@ def _metric_rows(metrics: dict[str, Any], card_metrics: dict[str, str]) -> list[
     return rows
 
 
+@dataclass
+class _Folder:
+    """What the card reads from a model folder: its config (an adapter's: its base's), the adapter."""
+
+    path: Path
+    config: dict[str, Any]
+    adapter: dict[str, Any]
+    base: Path | None  # an adapter's base model folder
+
+    @classmethod
+    def read(cls, path: Path) -> "_Folder":
+        adapter = _read_json(path / "adapter_config.json")
+        base = Path(adapter.get("base_model_name_or_path") or "") if adapter else None
+        # an adapter folder (rl with lora.merge: false) is described by its base's architecture and neurons
+        config = _read_json(path / "config.json") or (_read_json(base / "config.json") if base else {})
+        return cls(path, config, adapter, base)
+
+    @property
+    def custom_code(self) -> bool:
+        return "auto_map" in self.config
+
+    @property
+    def neurons(self) -> dict[str, dict]:
+        return self.config.get("neurons") or {}
+
+
+def _what_it_is(folder: _Folder, recipe: Recipe, metrics: dict[str, Any], card_metrics: dict[str, str]) -> list[str]:
+    config, neurons = folder.config, folder.neurons
+    cls = (config.get("architectures") or ["?"])[0]
+    if folder.adapter:
+        first = (f"A PEFT LoRA adapter (targets {sorted(folder.adapter.get('target_modules') or [])}) on the base "
+                 f"model `{folder.base}`: the folder holds the adapter only; copy or push the base folder with it "
+                 "(adapter_config.json names it). Below: the base's architecture and neurons.")
+    elif folder.custom_code:
+        kind = ("a Mamba language model with spiking neurons (integer spike counts times a per-channel threshold) "
+                "on the inputs of its linear layers" if neurons else
+                "a Mamba language model with a gated MLP per block and no neurons (no transformers class has that block)")
+        first = (f"A `{cls}`: {kind}. The folder carries its modeling code (`modeling.py` and the files it imports), "
+                 "so it loads without spikerl.")
+    else:
+        first = f"A `{cls}` (transformers' own class, no custom code, no neurons)."
+    lines = ["## What it is", "", first, "", f"* teacher: {_teacher_text(recipe)[0]}"]
+    if config:
+        mlp = config.get("mlp_intermediate_size")
+        lines.append(f"* size: hidden {config.get('hidden_size')}, {config.get('num_hidden_layers')} blocks, "
+                     f"state {config.get('state_size')}, vocabulary {config.get('vocab_size')}"
+                     + (f", gated MLP width {mlp}" if mlp else ""))
+    params = _parameter_count(folder.path)
+    if params is not None:
+        lines.append(f"* parameters stored: {params:,}")
+    lines += ["", "Neurons per placement (the input of that linear layer):", ""]
+    if not neurons:
+        return lines + ["none: every layer is dense."]
+    rate_key = card_metrics.get("firing_rate")
+    rates = {p: metrics.get(f"{rate_key}/{p}") for p in neurons} if rate_key else {}
+    rates = {p: r for p, r in rates.items() if isinstance(r, (int, float))}
+    # the firing-rate column only when this stage measured it per placement
+    lines += ["| placement | neuron | firing rate |", "| --- | --- | --- |"] if rates else ["| placement | neuron |", "| --- | --- |"]
+    for placement in (p for p in spiking.PLACEMENTS if p in neurons):
+        row = f"| {placement} | {spiking.NeuronSpec.of(neurons[placement]).describe()} |"
+        lines.append(row + (f" {rates[placement]:.4f} |" if placement in rates else " — |" if rates else ""))
+    return lines
+
+
+def _metrics_section(name: str, rows: list[tuple[str, str, str, float]], samples: Any) -> list[str]:
+    lines = ["## Metrics", "", f"From this stage's manifest (`{name}/manifest.json` of the run)"
+             + (f", on {samples} held-out prompts" if samples else "") + ":", ""]
+    if rows:
+        lines += ["| metric | value |", "| --- | --- |"] + [f"| {label} | {shown} |" for _, label, shown, _ in rows]
+    measured = {row[0] for row in rows}
+    missing = [_ROWS[f][0] for f in ("perplexity", "firing_rate", "energy_pj_per_token") if f not in measured]
+    if missing:
+        lines += ["", "Not measured by this stage: " + "; ".join(missing) + "."]
+    if "energy_pj_per_token" in measured:
+        # the stages measure with spiking.measure's default table (as the eval stage reports it)
+        lines += ["", f"Energy is an estimate: spikerl's operation counts (spiking/energy.py) times the cost table "
+                  f"`{spiking.HOROWITZ_45NM.describe()}`; {spiking.energy.MEMORY_NOTE}. A linear layer fed by "
+                  "spikes costs Σ|s|·n_out accumulates (AC) from the spike counts measured on held-out tokens; every "
+                  "other op (conv1d, x_proj, dt_proj, the discretisation and the scan, the gate, norms, the LM head) "
+                  "is counted dense. The spikes run as integer activations on ordinary hardware here, not on a "
+                  "neuromorphic chip."]
+    return lines
+
+
+def _recipe_section(recipe: Recipe, name: str, fingerprint: str) -> list[str]:
+    stage_yaml = yaml.safe_dump(recipe.stages[name].model_dump(mode="json"), sort_keys=False).rstrip()
+    commit = git_commit()
+    return ["## Recipe", "",
+            f"Fingerprint `{fingerprint}`: a hash of this stage's config, the upstream stages' fingerprints, "
+            "the recipe's `model` section, the seed and the code the stage ran"
+            + (f" (git commit `{commit}`)" if commit else "") + ". The stage's section:", "",
+            "```yaml", f"stages:\n  {name}:\n" + "\n".join("    " + line for line in stage_yaml.splitlines()), "```", "",
+            "<details><summary>The whole resolved recipe (re-run it with <code>spikerl run recipe.yaml "
+            f"--until {name}</code>)</summary>", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "</details>"]
+
+
+def _loading_section(folder: _Folder, recipe: Recipe, where: str) -> list[str]:
+    lines = ["## How to load and generate", ""]
+    if folder.adapter:
+        return lines + ["```python", "from peft import AutoPeftModelForCausalLM", "",
+                        f'MODEL = "{where}"',
+                        "model = AutoPeftModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True)"
+                        "  # loads the base model named in adapter_config.json", "```"]
+    if folder.custom_code:
+        load = ["import spiking  # with spikerl installed: registers the classes",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'MODEL = "{where}"', "model = AutoModelForCausalLM.from_pretrained(MODEL)", "",
+                "# without spikerl (torch, transformers and pydantic; triton / mamba-ssm optional): the code in this folder",
+                "model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True)"]
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'MODEL = "{where}"', "model = AutoModelForCausalLM.from_pretrained(MODEL)"]
+    lines += ["```python", *load, "", "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
+              f"inputs = tokenizer([{_example_prompt(recipe)!r}], return_tensors=\"pt\")",
+              "out = model.generate(**inputs, max_new_tokens=8, do_sample=False)",
+              'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```"]
+    if folder.neurons:
+        lines += ["", "`spiking.load_deployed(MODEL)` gives the model as the stages measure it (SGC off, spikes on, "
+                  "eval mode). Generation is recurrent: constant memory per token. PEFT LoRA: "
+                  '`LoraConfig(target_modules=["in_proj", "x_proj", "dt_proj"])` adapts the projections, never a neuron.']
+    return lines + ["", "lm-eval's command line:", "", "```bash", _lm_eval_line(recipe, where, folder.custom_code), "```"]
+
+
 def build_model_card(recipe: Recipe, name: str, fingerprint: str, metrics: dict[str, Any]) -> ModelCard:
     """The card of `run_dir/<name>/`: what the model is (teacher, stage, neurons per placement),
     the recipe and fingerprint, the stage's metrics (`metrics`, what its manifest records) with the
     energy cost table and what it leaves out, and how to load and generate, with and without spikerl."""
-    folder = recipe.run_dir / name
+    folder = _Folder.read(recipe.run_dir / name)
     module = recipe.modules[name]
     card_metrics: dict[str, str] = getattr(module, "CARD_METRICS", {})
-    config = _read_json(folder / "config.json")
-    adapter = _read_json(folder / "adapter_config.json")
-    custom_code = "auto_map" in config
-    teacher, base_model = _teacher_text(recipe)
     push = getattr(recipe.stages[name], "push_to_hub", None)
-    where = push.repo_id if push is not None else str(folder)
+    where = push.repo_id if push is not None else str(folder.path)
     model_name = f"{recipe.run.name}-{name}"
-    summary = (module.__doc__ or f"{name} stage").strip().splitlines()[0]
     rows = _metric_rows(metrics, card_metrics)
-    samples = metrics.get(card_metrics.get("samples", ""), None)
 
     tags = ["spikerl", "mamba", f"spikerl-{name}"]
-    if config.get("model_type") == spiking.SpikingMambaConfig.model_type:
-        tags += ["spiking-neural-network", "custom_code"] if config.get("neurons") else ["custom_code"]
+    if folder.custom_code:
+        tags += (["spiking-neural-network"] if folder.neurons else []) + ["custom_code"]
     data = ModelCardData(
-        library_name="peft" if adapter else "transformers",
+        library_name="peft" if folder.adapter else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
-        base_model=base_model,
+        base_model=_teacher_text(recipe)[1],
         model_name=model_name,
         eval_results=[
             EvalResult(task_type="text-generation", dataset_type="spikerl-held-out",
@@ -172,91 +290,16 @@ def build_model_card(recipe: Recipe, name: str, fingerprint: str, metrics: dict[
             for field, label, _, value in rows
         ] or None,
     )
-
-    lines = [f"# {model_name}", "", f"**{summary}** Made by spikerl's `{name}` stage of the run `{recipe.run.name}`.", ""]
-    lines += ["## What it is", ""]
-    if adapter:
-        lines.append(f"A PEFT LoRA adapter (targets {adapter.get('target_modules')}) on the base model "
-                     f"`{adapter.get('base_model_name_or_path')}`: the folder holds the adapter only.")
-    elif custom_code:
-        lines.append(f"A `{(config.get('architectures') or ['SpikingMambaForCausalLM'])[0]}`: a Mamba language model "
-                     "with spiking neurons (integer spike counts times a per-channel threshold) on the inputs of "
-                     "its linear layers. The folder carries its modeling code (`modeling.py` and the files it "
-                     "imports), so it loads without spikerl.")
-    else:
-        lines.append(f"A `{(config.get('architectures') or ['?'])[0]}` (transformers' own class, no custom code, "
-                     "no neurons).")
-    lines += ["", f"* teacher: {teacher}"]
-    if config:
-        mlp = config.get("mlp_intermediate_size")
-        lines.append(f"* size: hidden {config.get('hidden_size')}, {config.get('num_hidden_layers')} blocks, "
-                     f"state {config.get('state_size')}, vocabulary {config.get('vocab_size')}"
-                     + (f", gated MLP width {mlp}" if mlp else ""))
-    params = _parameter_count(folder)
-    if params is not None:
-        lines.append(f"* parameters stored: {params:,}")
-    neurons = config.get("neurons") or {}
-    lines += ["", "Neurons per placement (the input of that linear layer):", ""]
-    if neurons:
-        rate_key = card_metrics.get("firing_rate")
-        lines += ["| placement | neuron | firing rate |", "| --- | --- | --- |"]
-        for placement in spiking.PLACEMENTS:
-            if placement in neurons:
-                rate = metrics.get(f"{rate_key}/{placement}") if rate_key else None
-                shown = f"{rate:.4f}" if isinstance(rate, (int, float)) else "not measured by this stage"
-                lines.append(f"| {placement} | {spiking.NeuronSpec.of(neurons[placement]).describe()} | {shown} |")
-    else:
-        lines.append("none: every layer is dense (this is a teacher-side model).")
-
-    lines += ["", "## Metrics", "", f"From this stage's manifest (`{name}/manifest.json` of the run)"
-              + (f", on {samples} held-out prompts" if samples else "") + ":", ""]
-    if rows:
-        lines += ["| metric | value |", "| --- | --- |"] + [f"| {label} | {shown} |" for _, label, shown, _ in rows]
-    missing = [_ROWS[f][0] for f in ("perplexity", "firing_rate", "energy_pj_per_token") if not any(r[0] == f for r in rows)]
-    if missing:
-        lines += ["", "Not measured by this stage: " + "; ".join(missing) + "."]
-    if any(r[0] == "energy_pj_per_token" for r in rows):
-        lines += ["", f"Energy is an estimate: spikerl's operation counts (spiking/energy.py) times the cost table "
-                  f"`{spiking.HOROWITZ_45NM.describe()}`; {spiking.energy.MEMORY_NOTE}. A linear layer fed by "
-                  "spikes costs Σ|s|·n_out accumulates (AC) from the spike counts measured on held-out tokens; every "
-                  "other op (conv1d, x_proj, dt_proj, the discretisation and the scan, the gate, norms, the LM head) "
-                  "is counted dense. The spikes run as integer activations on ordinary hardware here, not on a "
-                  "neuromorphic chip."]
-
-    stage_yaml = yaml.safe_dump(recipe.stages[name].model_dump(mode="json"), sort_keys=False).rstrip()
-    lines += ["", "## Recipe", "",
-              f"Fingerprint `{fingerprint}`: a hash of this stage's config, the upstream stages' fingerprints, "
-              "the recipe's `model` section, the seed and the code the stage ran"
-              + (f" (git commit `{git_commit()}`)" if git_commit() else "") + ". The stage's section:", "",
-              "```yaml", f"stages:\n  {name}:\n" + "\n".join("    " + line for line in stage_yaml.splitlines()), "```", "",
-              "<details><summary>The whole resolved recipe (re-run it with <code>spikerl run recipe.yaml "
-              f"--until {name}</code>)</summary>", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "</details>"]
-
-    prompt = _example_prompt(recipe)
-    lines += ["", "## How to load and generate", ""]
-    if adapter:
-        lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                  f'MODEL = "{where}"', "model = AutoPeftModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True)"
-                  "  # loads the base model named in adapter_config.json", "```"]
-    else:
-        load = ['import spiking  # with spikerl installed: registers the classes',
-                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'MODEL = "{where}"', "model = AutoModelForCausalLM.from_pretrained(MODEL)", "",
-                "# without spikerl (torch, transformers and pydantic; triton / mamba-ssm optional): the code in this folder",
-                "model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True)"] if custom_code else [
-                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'MODEL = "{where}"', "model = AutoModelForCausalLM.from_pretrained(MODEL)"]
-        lines += ["```python", *load, "", "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
-                  f"inputs = tokenizer([{prompt!r}], return_tensors=\"pt\")",
-                  "out = model.generate(**inputs, max_new_tokens=8, do_sample=False)",
-                  'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```"]
-        if custom_code:
-            lines += ["", "`spiking.load_deployed(MODEL)` gives the model as the stages measure it (SGC off, spikes on, "
-                      "eval mode). Generation is recurrent: constant memory per token. PEFT LoRA: "
-                      '`LoraConfig(target_modules=["in_proj", "x_proj", "dt_proj"])` adapts the projections, never a neuron.']
-        lines += ["", "lm-eval's command line:", "", "```bash", _lm_eval_line(recipe, where, custom_code), "```"]
-    content = "---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n"
-    return ModelCard(content)
+    summary = (module.__doc__ or f"{name} stage").strip().splitlines()[0]
+    sections = [
+        [f"# {model_name}", "", f"**{summary}** Made by spikerl's `{name}` stage of the run `{recipe.run.name}`."],
+        _what_it_is(folder, recipe, metrics, card_metrics),
+        _metrics_section(name, rows, metrics.get(card_metrics.get("samples", ""))),
+        _recipe_section(recipe, name, fingerprint),
+        _loading_section(folder, recipe, where),
+    ]
+    body = "\n\n".join("\n".join(section) for section in sections)
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + body + "\n")
 
 
 def write_model_card(recipe: Recipe, name: str, fingerprint: str, metrics: dict[str, Any]) -> Path:

@@ -279,6 +279,19 @@ def test_every_model_folder_has_a_card_built_from_its_manifest(run_dir, stage):
         assert set(neurons) == {"in_proj", "x_proj", "out_proj", "mlp.up"}
 
 
+def test_an_rl_adapter_folder_has_a_card_naming_its_base(run_dir, tmp_path):
+    """rl with `lora.merge: false` saves the adapter alone: its card says so, names the base folder
+    and shows the base's neurons, and loads it with peft."""
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    path = write_recipe(tmp_path, copy, rl={"lora": {"r": 2, "merge": False}})
+    assert run_recipe(load_recipe(path), only="rl") == {"rl": "ran"}
+    card = ModelCard.load(copy / "rl" / CARD)
+    assert card.data.library_name == "peft" and (copy / "rl" / "adapter_model.safetensors").is_file()
+    assert f"on the base model `{copy / 'sparsify'}`" in card.text
+    assert "AutoPeftModelForCausalLM.from_pretrained(MODEL" in card.text
+    assert "| x_proj | atmn T=2 tau=1.0 |" in card.text  # the base's neurons
+
+
 def test_a_rerun_skips_every_stage_the_cards_included(run_dir):
     """The card is recorded in `outputs` like the weights: preflight's damaged-output check passes."""
     path = run_dir.parent / "recipe.yaml"
