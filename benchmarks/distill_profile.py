@@ -89,7 +89,7 @@ def main() -> None:
         loss.backward()
 
     # the scan entry point and every neuron's forward run inside named ranges
-    import spiking.kernels.scan as scan_module
+    import spiking.scan as scan_module
 
     scan_module.selective_scan_ref = ranged(scan_module.selective_scan_ref, "scan")
     for _, neuron in spiking.iter_neurons(student):

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from spiking.kernels import gate_neuron, gate_neuron_ref, selective_scan, selective_scan_ref  # noqa: E402
-from spiking.kernels.scan import MAMBA_SSM_AVAILABLE, TRITON_AVAILABLE  # noqa: E402
+from spiking.kernels import MAMBA_SSM_AVAILABLE, TRITON_AVAILABLE  # noqa: E402
 
 # Nominal peak memory bandwidth (GB/s, vendor figures) by device-name fragment; the measured copy
 # bandwidth is reported beside it.

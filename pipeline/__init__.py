@@ -9,6 +9,7 @@ Modules, in the order a reader needs them:
     recipe.py    the typed recipe (`run`, `model`, `stages.<name>`), YAML + `key=value` overrides
     manifest.py  run_dir/<stage>/manifest.json, fingerprints, atomic writes, the run lock
     runner.py    stage order, skip / resume / force, distributed barriers
+    model_card.py  the README.md model card of each model stage's folder, push_to_hub
     __main__.py  the command line
 """
 

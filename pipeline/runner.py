@@ -31,6 +31,11 @@ checked against their manifests (sizes, safetensors headers), and so is the chec
 interrupted stage would resume from. A problem is a UserError naming the file or field, and the
 run folder stays as it was.
 
+A model stage (teacher, distill, sparsify, rl) gets a model card, `README.md` with HF model-card
+metadata (pipeline/model_card.py), written from the metrics the manifest will record, and with
+`push_to_hub: {repo_id, private}` its folder is uploaded to the hub; both before the manifest, so a
+failed push leaves the stage not done (the same command retries it).
+
 Every stage also gets `StopOnNonFiniteLoss` (stages/training.py) in `ctx.extra["callbacks"]`: a
 Trainer whose loss turns nan stops at that step, before the optimizer step, keeping the last
 good checkpoint.
@@ -362,6 +367,8 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: b
     dist = distributed_state()  # the stage's Trainer may have rebuilt it
     dist.wait_for_everyone()  # every rank has finished writing outputs
 
+    _card_and_push(recipe, name, fingerprints[name], metrics, dist)
+
     if dist.is_main_process:
         write_manifest(stage_dir, {  # LAST: its presence is what "done" means
             "stage": name,
@@ -384,6 +391,31 @@ def _run_stage(recipe: Recipe, name: str, fingerprints: dict[str, str], fresh: b
             "git_commit": git_commit(),
         })
     log.info("%s: done in %.1f s, peak RSS %.0f MB, metrics %s", name, wall_s, _peak_rss_mb(), _short(metrics))
+
+
+def _card_and_push(recipe: Recipe, name: str, fingerprint: str, metrics: dict[str, Any], dist: Any) -> None:
+    """A model stage's model card, then its `push_to_hub` (rank 0), both before the manifest: the
+    card is an output like the weights (its size is recorded), and a failed push leaves the stage
+    not done. The push's outcome goes to every rank, so all of them stop together."""
+    from stages import MODEL_STAGES
+
+    if name not in MODEL_STAGES:
+        return
+    from pipeline.model_card import PushError, push_folder, write_model_card  # imports transformers
+
+    error = None
+    if dist.is_main_process:
+        write_model_card(recipe, name, fingerprint, metrics)
+        repo = getattr(recipe.stages[name], "push_to_hub", None)
+        if repo is not None:
+            try:
+                push_folder(recipe.run_dir / name, repo, f"stages.{name}.push_to_hub")
+            except PushError as err:
+                error = (f"{err}; the stage is not marked done: run the same command again to retry "
+                         "(the stage resumes from its checkpoints)")
+    [error] = _from_main_process([error], dist)
+    if error is not None:
+        raise UserError(error)
 
 
 def _prepare_stage_dir(stage_dir: Path, attempt: dict[str, Any], fresh: bool = False) -> None:
@@ -442,6 +474,11 @@ def preflight(recipe: Recipe, states: dict[str, StageState], plan: list[Step]) -
             except (ValueError, OSError) as err:
                 problems.append(f"{recipe.path}: {err}")
         problems += [f"{recipe.path}: {problem}" for problem in check_local_paths(recipe.stages[step.name], f"stages.{step.name}")]
+        push = getattr(recipe.stages[step.name], "push_to_hub", None)
+        if push is not None:
+            from pipeline.model_card import push_problems
+
+            problems += [f"{recipe.path}: {problem}" for problem in push_problems(push, f"stages.{step.name}.push_to_hub")]
         resumes = states[step.name].resumable and not step.fresh and not upstream_runs
         if resumes:
             problems += _damaged_checkpoint(recipe, step.name, ctx)

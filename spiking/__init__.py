@@ -2,12 +2,14 @@
 
 Importing this package registers `spiking_mamba` with `AutoConfig` / `AutoModelForCausalLM`, so
 any stage's output loads with `AutoModelForCausalLM.from_pretrained(folder)` after `import spiking`.
+A saved folder also carries modeling.py and the files it imports (see modeling.py's end), so
+`from_pretrained(folder, trust_remote_code=True)` loads it where spikerl is not installed.
 Nothing here knows about recipes or stages.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .convert import calibrate, from_teacher, load_deployed, to_hf_mamba
+from .convert import calibrate, from_teacher, load_deployed, to_hf_mamba, upgrade_folder
 from .energy import *  # noqa: F403 - helper A's public names (estimate_energy, energy_ratio, ...)
 from .energy import __all__ as _energy_all
 from .kernels import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
@@ -43,6 +45,7 @@ __all__ = [
     "selective_state_update",
     "selective_state_update_ref",
     "to_hf_mamba",
+    "upgrade_folder",
     *_neurons_all,
     *_energy_all,
 ]

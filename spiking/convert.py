@@ -5,6 +5,7 @@
     calibrate(student, batches)      # thresholds from the teacher's activations (99.9th pct of |x|)
     teacher = to_hf_mamba(student)   # only for a neuron-free, MLP-free student
     student = load_deployed("runs/tiny/distill")   # a saved student as deployed: SGC off, spikes on
+    upgrade_folder("old/distill")    # a folder saved before the neuron rename: new names, its code
 
 The student has the teacher's architecture and weights (same parameter names); neurons start
 uncalibrated until `calibrate` runs. Mamba2 teachers are not supported yet.
@@ -12,7 +13,9 @@ uncalibrated until `calibrate` runs. Mamba2 teachers are not supported yet.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from .modeling import SpikingMambaConfig, SpikingMambaForCausalLM
-from .neurons import iter_neurons, set_sgc_lambda
+from .neurons import NEURON_MODULE_NAMES, iter_neurons, set_sgc_lambda
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +195,76 @@ def to_hf_mamba(model: SpikingMambaForCausalLM) -> MambaForCausalLM:
     return hf_model.to(device=parameter.device, dtype=parameter.dtype)
 
 
+# A neuron key as saved before the neuron modules were renamed so PEFT's name-suffix targets miss
+# them: `...mixer.neurons.in_proj.log_V` (now `...neurons.in_proj_input.log_V`), `...mlp.neurons.up.a`.
+_OLD_NEURON_KEY = re.compile(r"\.(mixer\.neurons\.(?:in_proj|x_proj|out_proj)|mlp\.neurons\.(?:up|down))\.")
+
+
+def _new_neuron_key(key: str) -> str:
+    def rename(match: re.Match) -> str:
+        module, old = match.group(1).rsplit(".", 1)
+        placement = old if module.startswith("mixer") else f"mlp.{old}"
+        return f".{module}.{NEURON_MODULE_NAMES[placement]}."
+
+    return _OLD_NEURON_KEY.sub(rename, key)
+
+
+def _old_neuron_keys(folder: Path) -> list[str]:
+    """Neuron keys of the folder's safetensors files that use the names before the rename."""
+    from safetensors import safe_open
+
+    found = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            found += [key for key in f.keys() if _OLD_NEURON_KEY.search(key)]
+    return found
+
+
+def upgrade_folder(folder: str | Path) -> int:
+    """Bring a student folder saved before the neuron rename up to date, in place; returns how many
+    tensors were renamed (0: nothing to do).
+
+    The neuron weights get their new names (`mixer.neurons.in_proj` -> `mixer.neurons.in_proj_input`,
+    `mlp.neurons.up` -> `mlp.neurons.up_input`, see `spiking.NEURON_MODULE_NAMES`), in every
+    safetensors file and its index; then the model is loaded and saved again, which writes the
+    modeling code beside it and `auto_map` in HF's form (the folder then loads without spikerl).
+    """
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    renamed = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        new = {_new_neuron_key(key): value for key, value in tensors.items()}
+        changed = sum(old != key for old, key in zip(tensors, new))
+        if changed:
+            save_file(new, str(path), metadata={"format": "pt"})
+            renamed += changed
+    index = folder / "model.safetensors.index.json"
+    if renamed and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_new_neuron_key(key): file for key, file in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+    if renamed:
+        SpikingMambaForCausalLM.from_pretrained(str(folder)).save_pretrained(str(folder))
+    return renamed
+
+
 def load_deployed(folder: str | Path, **kwargs) -> torch.nn.Module:
     """A saved student as it is deployed: SGC off (λ = 0), spikes on, eval mode.
 
     `kwargs` go to `AutoModelForCausalLM.from_pretrained`. SGC's λ is a training-time setting that
     is not saved, and `spiking: false` in a folder's config is a debugging switch: both are reset
     here, so every stage measures and trains the same spike-driven model (a warning says when
-    spikes were off).
+    spikes were off). A local folder saved before the neuron rename is refused (its thresholds
+    would load as fresh ones), naming `upgrade_folder`.
     """
+    old = _old_neuron_keys(Path(folder)) if Path(folder).is_dir() else []
+    if old:
+        raise ValueError(
+            f"{folder}: saved before spikerl renamed the neuron modules ({old[0]} is now "
+            f"{_new_neuron_key(old[0])}); convert it once with spiking.upgrade_folder({str(folder)!r})"
+        )
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     set_sgc_lambda(model, 0.0)
     if getattr(model.config, "spiking", True) is False:
@@ -208,4 +273,4 @@ def load_deployed(folder: str | Path, **kwargs) -> torch.nn.Module:
     return model.eval()
 
 
-__all__ = ["calibrate", "from_teacher", "load_deployed", "to_hf_mamba"]
+__all__ = ["calibrate", "from_teacher", "load_deployed", "to_hf_mamba", "upgrade_folder"]

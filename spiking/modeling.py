@@ -17,6 +17,11 @@ costs the same memory and time whatever the length. Neurons act per token (no st
 tokens), so the recurrent path gives the same values as the full-sequence path.
 
 Usage: `import spiking` registers the classes; then `AutoModelForCausalLM.from_pretrained(folder)`.
+A saved folder also carries this file and the files it imports (register_for_auto_class below), so
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it where spikerl is
+not installed: the copies need only torch, transformers and pydantic (triton, mamba-ssm optional).
+Every import between the copied files is a same-folder relative import (`from .neurons import`):
+those are the ones transformers' remote-code loader follows and copies.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan, selective_state_update
-from .neurons import ATMN, DEFAULT_D, NeuronSpec, make_neuron
+from .neurons import ATMN, DEFAULT_D, NEURON_MODULE_NAMES, NeuronSpec, make_neuron
 
 # Where a neuron may sit: the input of that linear layer. "mlp.*" need `mlp_intermediate_size`.
 MIXER_PLACEMENTS = ("in_proj", "x_proj", "out_proj")
@@ -50,13 +55,13 @@ def default_neurons(D: int = DEFAULT_D, learnable: bool = True) -> dict[str, dic
     return {"in_proj": dict(spec), "out_proj": dict(spec)}
 
 
-def lora_target_modules(names=("in_proj", "x_proj", "dt_proj")) -> str:
-    """PEFT `target_modules` regex for the mixer's linear layers.
+def lora_target_modules(names=("in_proj", "x_proj", "dt_proj")) -> list[str]:
+    """PEFT `target_modules` for the mixer's linear layers: the plain list, Mamba's usual LoRA target.
 
-    A plain list `["in_proj", ...]` does not work on a student with neurons: PEFT matches by name
-    suffix, and the neuron on in_proj's input is named `mixer.neurons.in_proj`.
+    PEFT matches a list by name suffix; no neuron's name ends in a projection's name (the neuron
+    on in_proj's input is `mixer.neurons.in_proj_input`), so the list adapts the projections only.
     """
-    return r".*\.mixer\.(" + "|".join(names) + ")"
+    return list(names)
 
 
 class SpikingMambaConfig(MambaConfig):
@@ -66,7 +71,7 @@ class SpikingMambaConfig(MambaConfig):
     spiking: False bypasses every neuron at run time (the logits then equal the teacher's).
     mlp_intermediate_size: width of an optional gated MLP after the mixer in each block (None = none).
         Not `intermediate_size`: MambaConfig already uses that name for the mixer width expand·H.
-    scan_backend: "auto" | "ref" | "triton" | "mamba_ssm" (see `spiking.kernels.scan`).
+    scan_backend: "auto" | "ref" | "triton" | "mamba_ssm" (see `spiking/scan.py`).
     """
 
     model_type = "spiking_mamba"
@@ -95,11 +100,8 @@ class SpikingMambaConfig(MambaConfig):
             raise ValueError(f"mlp_intermediate_size must be >= 1 or None, got {self.mlp_intermediate_size}")
         if self.scan_backend not in SCAN_BACKENDS:
             raise ValueError(f"scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
-        # Custom classes need auto_map for TRL's reference-model rebuild (trl.trainer.utils.create_model_from_path).
-        self.auto_map = {
-            "AutoConfig": "spiking.modeling.SpikingMambaConfig",
-            "AutoModelForCausalLM": "spiking.modeling.SpikingMambaForCausalLM",
-        }
+        # config.auto_map ("modeling.SpikingMambaConfig", HF's "<file>.<Class>" form) is written at
+        # save time by register_for_auto_class (end of this file), together with the code files.
 
 
 def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -110,16 +112,23 @@ def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: to
     return hidden_states
 
 
-def _make_neurons(config: SpikingMambaConfig, names: dict[str, str], channels: dict[str, int]) -> nn.ModuleDict:
-    """ModuleDict attribute -> neuron for the placements of `config.neurons` that live in this module."""
+def _make_neurons(config: SpikingMambaConfig, channels: dict[str, int]) -> nn.ModuleDict:
+    """The neurons of one module (mixer or MLP): `NEURON_MODULE_NAMES[placement]` -> neuron, for the
+    placements of `config.neurons` among `channels` (placement -> input channels)."""
     modules = nn.ModuleDict()
-    for placement, attribute in names.items():
+    for placement, width in channels.items():
         if placement in config.neurons:
             try:
-                modules[attribute] = make_neuron(dict(config.neurons[placement]), channels[attribute])
+                modules[NEURON_MODULE_NAMES[placement]] = make_neuron(dict(config.neurons[placement]), width)
             except ValueError as error:
                 raise ValueError(f"neurons.{placement}: {error}") from error
     return modules
+
+
+def _neuron(neurons: nn.ModuleDict, placement: str) -> nn.Module | None:
+    """The neuron at `placement` in a module's `neurons`, or None (no neuron there)."""
+    key = NEURON_MODULE_NAMES[placement]
+    return neurons[key] if key in neurons else None
 
 
 class SpikingMambaMixer(nn.Module):
@@ -153,7 +162,6 @@ class SpikingMambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
         self.neurons = _make_neurons(
             config,
-            names={p: p for p in MIXER_PLACEMENTS},
             channels={"in_proj": self.hidden_size, "x_proj": self.intermediate_size, "out_proj": self.intermediate_size},
         )
 
@@ -178,10 +186,15 @@ class SpikingMambaMixer(nn.Module):
         inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
         init.copy_(self.dt_proj.bias, inv_dt)
 
+    def neuron(self, placement: str) -> nn.Module | None:
+        """The neuron on the input of `placement` ("in_proj", "x_proj", "out_proj"), or None."""
+        return _neuron(self.neurons, placement)
+
     def spike(self, placement: str, x: torch.Tensor) -> torch.Tensor:
         """The neuron at `placement` applied to x [..., C], or x itself (no neuron / spiking off)."""
-        if self.config.spiking and placement in self.neurons:
-            return self.neurons[placement](x)
+        neuron = self.neuron(placement)
+        if self.config.spiking and neuron is not None:
+            return neuron(x)
         return x
 
     def fused_out_neuron(self, device: torch.device) -> nn.Module | None:
@@ -191,11 +204,11 @@ class SpikingMambaMixer(nn.Module):
         (the unfused path runs, same values): while spikes are counted (the kernel returns no
         counts), ATA updates in training (they need the gated activations), ATMN with a leak.
         """
-        if not (self.config.spiking and "out_proj" in self.neurons):
+        neuron = self.neuron("out_proj")
+        if not self.config.spiking or neuron is None:
             return None
         if resolve_backend(self.config.scan_backend, device) != "triton":
             return None
-        neuron = self.neurons["out_proj"]
         if neuron.is_counting or (neuron.training and neuron.ata_momentum > 0):
             return None
         if isinstance(neuron, ATMN) and neuron.tau != 1.0:
@@ -303,18 +316,22 @@ class SpikingMambaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.down_proj._zero_init = True  # see SpikingMambaPreTrainedModel._init_weights
-        self.neurons = _make_neurons(
-            config, names={"mlp.up": "up", "mlp.down": "down"}, channels={"up": config.hidden_size, "down": width}
-        )
+        self.neurons = _make_neurons(config, channels={"mlp.up": config.hidden_size, "mlp.down": width})
 
-    def spike(self, attribute: str, x: torch.Tensor) -> torch.Tensor:
-        if self.config.spiking and attribute in self.neurons:
-            return self.neurons[attribute](x)
+    def neuron(self, placement: str) -> nn.Module | None:
+        """The neuron on the input of "mlp.up" (gate_proj and up_proj) or "mlp.down", or None."""
+        return _neuron(self.neurons, placement)
+
+    def spike(self, placement: str, x: torch.Tensor) -> torch.Tensor:
+        neuron = self.neuron(placement)
+        if self.config.spiking and neuron is not None:
+            return neuron(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.spike("up", x)
-        return self.down_proj(self.spike("down", F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        """x [B, L, H] -> [B, L, H]."""
+        x = self.spike("mlp.up", x)
+        return self.down_proj(self.spike("mlp.down", F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class SpikingMambaBlock(GradientCheckpointingLayer):
@@ -523,12 +540,15 @@ class SpikingMambaForCausalLM(SpikingMambaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
-        cache_position: torch.LongTensor | None = None,  # accepted for API compatibility; a recurrence needs none
         **kwargs,
     ) -> SpikingMambaCausalLMOutput | tuple:
         """input_ids [B, L] -> logits [B, L', V] (L' = L, or the kept positions with `logits_to_keep`)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache_params = kwargs.pop("cache_params", None)
+        # accepted and ignored: a recurrence needs no positions. Not a named argument: generate()
+        # builds cache_position for a registered-for-auto-class model whose forward names it, from
+        # cache.get_seq_length(), which a recurrent-only cache refuses
+        kwargs.pop("cache_position", None)
         outputs = self.backbone(
             input_ids,
             cache=_pick_cache(cache, past_key_values, cache_params),
@@ -552,6 +572,14 @@ class SpikingMambaForCausalLM(SpikingMambaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
+
+# A saved folder carries its code: save_pretrained copies this file and the files it reaches by
+# same-folder relative imports, and writes config.auto_map in HF's form ("modeling.<Class>"), so
+# AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) needs no spikerl. With
+# spikerl imported, its registered classes take precedence (transformers prefers explicit local code).
+SpikingMambaConfig.register_for_auto_class("AutoConfig")
+SpikingMambaModel.register_for_auto_class("AutoModel")
+SpikingMambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "PLACEMENTS",

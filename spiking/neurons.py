@@ -62,6 +62,7 @@ __all__ = [
     "set_sgc_lambda",
     "iter_neurons",
     "neuron_placement",
+    "NEURON_MODULE_NAMES",
     "layer_index",
     "si_lif",
     "atmn_closed_form",
@@ -778,18 +779,36 @@ def iter_neurons(model: nn.Module) -> Iterator[tuple[str, _SpikingNeuron]]:
             yield name, module
 
 
+# Placement -> the neuron's key in its block's `neurons` ModuleDict (mixer for in_proj / x_proj /
+# out_proj, mlp for mlp.*). No key ends in a linear layer's name, so PEFT's standard
+# `target_modules=["in_proj", "x_proj", "dt_proj"]` (matched by name suffix) adapts the projections
+# and never a neuron. Folders saved before this naming held `neurons.in_proj`, `neurons.up`, ...
+NEURON_MODULE_NAMES: dict[str, str] = {
+    "in_proj": "in_proj_input",
+    "x_proj": "x_proj_input",
+    "out_proj": "out_proj_input",
+    "mlp.up": "up_input",
+    "mlp.down": "down_input",
+}
+_MIXER_NEURON_PLACEMENTS = {NEURON_MODULE_NAMES[p]: p for p in ("in_proj", "x_proj", "out_proj")}
+_MLP_NEURON_PLACEMENTS = {NEURON_MODULE_NAMES[p]: p for p in ("mlp.up", "mlp.down")}
 _PLACEMENT_ALIASES = {"mlp_up": "mlp.up", "mlp_down": "mlp.down"}
 
 
 def neuron_placement(name: str) -> str:
     """Placement of a neuron from its module name.
 
-    ``backbone.layers.3.mixer.neurons.in_proj`` -> ``in_proj``; MLP neurons
-    (``...layers.3.mlp.neurons.up`` or ``...neurons.mlp_up``) -> ``mlp.up`` / ``mlp.down``.
-    Anything else -> the last name component.
+    ``backbone.layers.3.mixer.neurons.in_proj_input`` -> ``in_proj``; MLP neurons
+    (``...layers.3.mlp.neurons.up_input``) -> ``mlp.up`` / ``mlp.down``. The names of hand-built
+    modules (``...mixer.neurons.in_proj``, ``...mlp.neurons.up``, ``...neurons.mlp_down``) map
+    too. Anything else -> the last name component.
     """
     parts = name.split(".")
     last = parts[-1]
+    if "mlp" in parts[:-1] and last in _MLP_NEURON_PLACEMENTS:
+        return _MLP_NEURON_PLACEMENTS[last]
+    if last in _MIXER_NEURON_PLACEMENTS:
+        return _MIXER_NEURON_PLACEMENTS[last]
     if last in _PLACEMENT_ALIASES:
         return _PLACEMENT_ALIASES[last]
     if "mlp" in parts[:-1] and last in ("up", "down"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictModel(BaseModel):
@@ -99,6 +99,32 @@ def last_complete_checkpoint(folder: Path, logger: logging.Logger | None = None)
             continue
         return path
     return None
+
+
+class HubRepo(StrictModel):
+    """`push_to_hub:` of a model stage: after the stage (its model folder and card written, before
+    its manifest) the folder goes to this hub repo through huggingface_hub's `create_repo` +
+    `upload_folder`. Part of the stage's config, so of its fingerprint: set it before the run (a
+    finished folder can be pushed by hand: `hf upload REPO run_dir/<stage> --exclude 'checkpoints/*'`)."""
+
+    repo_id: str = Field(description="hub repo, 'user/name' or 'org/name' (created when missing); no default")
+    private: bool = Field(True, description="create the repo private (true) or public; an existing repo keeps its visibility")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str) -> str:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(value)
+        except HFValidationError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+
+def push_to_hub_field() -> Any:
+    """The `push_to_hub` field every model stage's Config has (off by default)."""
+    return Field(None, description="push the model folder to the hub after the stage: {repo_id, private} (None: no push)")
 
 
 class TeacherArch(StrictModel):

@@ -13,8 +13,9 @@ library. SGC (methods.md §3) mixes the continuous input back in with λ anneale
 first `anneal` fraction of steps by a `TrainerCallback`; the rest trains the pure spiking forward.
 
 Output: `run_dir/distill/` holds the student (`save_pretrained`, loadable with
-`AutoModelForCausalLM.from_pretrained` after `import spiking`) and the tokenizer; checkpoints go to
-`run_dir/distill/checkpoints/`.
+`AutoModelForCausalLM.from_pretrained` after `import spiking`, or with `trust_remote_code=True`
+without spikerl: the folder carries its modeling code), the tokenizer and the runner's model card;
+checkpoints go to `run_dir/distill/checkpoints/`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers import AutoTokenizer
 
 import spiking
 from stages import tasks
-from stages.context import StageContext, StrictModel
+from stages.context import HubRepo, StageContext, StrictModel, push_to_hub_field
 from stages.training import (
     SGCConfig,
     SGCSchedule,
@@ -76,6 +77,16 @@ class Config(TrainerKnobs):
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (paper scale: 2e-5)")
     logging_steps: int = Field(20, ge=1, description="log losses, λ and firing rates every N steps")
+    push_to_hub: HubRepo | None = push_to_hub_field()
+
+
+# What the model card (README.md in the output folder, pipeline/model_card.py) shows of this
+# stage's metrics: card field -> metric name; a field the stage does not measure is left out.
+CARD_METRICS = {
+    "accuracy": "student_accuracy", "samples": "eval_samples", "perplexity": "student_ppl",
+    "firing_rate": "firing_rate", "energy_pj_per_token": "energy_pj_per_token_student", "energy_ratio": "energy_ratio",
+    "teacher_accuracy": "teacher_accuracy",
+}
 
 
 def vocabulary_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, loss: LossConfig) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ import rewards as rewards_lib
 import spiking
 from rewards.energy import SpikeRateRegulariser
 from stages import tasks
-from stages.context import StageContext, StrictModel
+from stages.context import HubRepo, StageContext, StrictModel, push_to_hub_field
 from stages.ppo import PPOConfig, PPOTrainer
 from stages.training import (
     check_vocab,
@@ -90,8 +90,9 @@ class LoraSpec(StrictModel):
     r: int = Field(8, ge=1, description="adapter rank: more = more capacity, more memory")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
-    target_modules: list[str] | None = Field(
-        None, description="mixer linear layers (in_proj, x_proj, dt_proj); None: spiking.lora_target_modules()"
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="PEFT's target_modules: layer names (in_proj, x_proj, dt_proj, out_proj, ...) or "
+        "'all-linear'; None: spiking.lora_target_modules() = [in_proj, x_proj, dt_proj]"
     )
     merge: bool = Field(True, description="true: merge into the saved model; false: save the adapter only")
 
@@ -128,6 +129,7 @@ class Config(StrictModel):
     dpo: DPOPairs = Field(default_factory=DPOPairs, description="preference pairs for algo: dpo")
     eval_samples: int = Field(200, ge=1, description="held-out prompts for accuracy and spike counts before / after")
     eval_batch_size: int = Field(64, ge=1, description="prompts per evaluation forward")
+    push_to_hub: HubRepo | None = push_to_hub_field()
 
     @field_validator("rewards")
     @classmethod
@@ -149,6 +151,15 @@ class Config(StrictModel):
             return self
         check_trl_keys(self.trl, self.algo)
         return self
+
+
+# What the model card (README.md in the output folder, pipeline/model_card.py) shows of this
+# stage's metrics: card field -> metric name; a field the stage does not measure is left out.
+CARD_METRICS = {
+    "accuracy": "accuracy_after", "samples": "eval_samples", "firing_rate": "firing_rate_after",
+    "energy_pj_per_token": "energy_pj_per_token_after", "energy_ratio": "energy_ratio_after",
+    "accuracy_before": "accuracy_before",
+}
 
 
 def check_trl_keys(trl_block: dict[str, Any], algo: str) -> dict[str, Any]:
@@ -190,7 +201,9 @@ def load_tokenizer(model_dir: Path, data_dir: Path):
 def apply_lora(model, lora: LoraSpec):
     if peft is None:
         raise ImportError("stages.rl.lora needs peft: pip install 'peft==0.21.2'")
-    targets = spiking.lora_target_modules(tuple(lora.target_modules)) if lora.target_modules else spiking.lora_target_modules()
+    # passed to PEFT as given: no neuron's name ends in a projection's name, so PEFT's own forms
+    # (a list of layer names, "all-linear") adapt the projections and never a neuron
+    targets = lora.target_modules if lora.target_modules else spiking.lora_target_modules()
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(model, config)

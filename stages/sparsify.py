@@ -32,7 +32,8 @@ any model folder (`teacher: path`), run through `spiking.from_teacher(..., neuro
 dense model in the project's own (fast) mixer, same numbers as HF Mamba.
 
 Output: `run_dir/sparsify/` holds the refined student (`save_pretrained`, loadable with
-`AutoModelForCausalLM.from_pretrained` after `import spiking`) and the tokenizer; checkpoints in
+`AutoModelForCausalLM.from_pretrained` after `import spiking`, or with `trust_remote_code=True`
+without spikerl), the tokenizer and the runner's model card; checkpoints in
 `run_dir/sparsify/checkpoints/`. Metrics: held-out accuracy and perplexity of teacher and student,
 firing rate per module type, energy pJ/token of both and the ratio teacher/student, and the same
 for the distilled student before refinement (`distilled_*`), on the same tokens.
@@ -54,7 +55,7 @@ from transformers import AutoTokenizer
 import spiking
 from spiking.modeling import MLP_PLACEMENTS, PLACEMENTS
 from stages import tasks
-from stages.context import StageContext, StrictModel, local_path
+from stages.context import HubRepo, StageContext, StrictModel, local_path, push_to_hub_field
 from stages.training import (
     SGCConfig,
     SGCSchedule,
@@ -170,6 +171,7 @@ class Config(TrainerKnobs):
     logging_steps: int = Field(20, ge=1, description="log losses and firing rates every N steps")
     eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity, firing rates and energy")
     eval_before: bool = Field(True, description="also score the distilled and the converted student before training")
+    push_to_hub: HubRepo | None = push_to_hub_field()
 
     @field_validator("modules", mode="before")
     @classmethod
@@ -185,6 +187,15 @@ class Config(TrainerKnobs):
                 raise ValueError(f"modules.{key}: module type {name!r} is given twice")
             normalised[name] = choice
         return normalised
+
+
+# What the model card (README.md in the output folder, pipeline/model_card.py) shows of this
+# stage's metrics: card field -> metric name; a field the stage does not measure is left out.
+CARD_METRICS = {
+    "accuracy": "student_accuracy", "samples": "eval_samples", "perplexity": "student_ppl",
+    "firing_rate": "firing_rate", "energy_pj_per_token": "energy_pj_per_token_student", "energy_ratio": "energy_ratio",
+    "teacher_accuracy": "teacher_accuracy",
+}
 
 
 # ------------------------------------------------------------------------------ the student

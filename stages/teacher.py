@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MambaF
 
 from spiking import SpikingMambaConfig, SpikingMambaForCausalLM, from_teacher, to_hf_mamba
 from stages import tasks
-from stages.context import StageContext, TeacherArch
+from stages.context import HubRepo, StageContext, TeacherArch, push_to_hub_field
 from stages.training import (
     TrainerKnobs,
     build_training_args,
@@ -58,6 +58,12 @@ class Config(TrainerKnobs):
     eval_max_new_tokens: int | None = Field(
         None, ge=1, description="generation budget per prompt (None: longest test answer + 2 tokens)"
     )
+    push_to_hub: HubRepo | None = push_to_hub_field()
+
+
+# What the model card (README.md in the output folder, pipeline/model_card.py) shows of this
+# stage's metrics: card field -> metric name; a field the stage does not measure is left out.
+CARD_METRICS = {"accuracy": "teacher_accuracy", "samples": "eval_samples", "perplexity": "teacher_ppl"}
 
 
 # -------------------------------------------------------------------------------------- models

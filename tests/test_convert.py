@@ -45,14 +45,14 @@ def test_calibration_uses_teacher_activations_and_real_tokens_only():
     block = t.backbone.layers[0]
     inputs = torch.cat([block.norm(t.backbone.embeddings(b["input_ids"])).reshape(-1, 32) for b in batches()])
     expected = torch.quantile(inputs.abs(), 0.999, dim=0) / 4
-    torch.testing.assert_close(s.backbone.layers[0].mixer.neurons["in_proj"].V, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s.backbone.layers[0].mixer.neuron("in_proj").V, expected, atol=1e-5, rtol=1e-4)
     # padded rows are left out: padding half of a batch gives the thresholds of the unpadded half
     padded = [{"input_ids": b["input_ids"], "attention_mask": torch.cat([torch.zeros(3, 5), torch.ones(3, 5)], 1)}
               for b in batches()]
     s2 = from_teacher(t, neurons={"in_proj": {"kind": "si_lif", "D": 4}}, calibration_batches=padded)
     tail = torch.cat([block.norm(t.backbone.embeddings(b["input_ids"][:, 5:])).reshape(-1, 32) for b in batches()])
     torch.testing.assert_close(
-        s2.backbone.layers[0].mixer.neurons["in_proj"].V, torch.quantile(tail.abs(), 0.999, dim=0) / 4,
+        s2.backbone.layers[0].mixer.neuron("in_proj").V, torch.quantile(tail.abs(), 0.999, dim=0) / 4,
         atol=1e-5, rtol=1e-4,
     )
 
@@ -61,7 +61,7 @@ def test_calibrate_restores_modes_and_can_skip_calibrated():
     s = from_teacher(teacher(), neurons=default_neurons(), spiking=False).train()
     assert calibrate(s, batches()) == 4
     assert s.training and s.config.spiking is False
-    neuron = s.backbone.layers[0].mixer.neurons["out_proj"]
+    neuron = s.backbone.layers[0].mixer.neuron("out_proj")
     before = neuron.V.clone()
     assert calibrate(s, batches(seed=9), skip_calibrated=True) == 0
     torch.testing.assert_close(neuron.V, before, atol=0, rtol=0)
@@ -117,3 +117,49 @@ def test_added_mlp_starts_as_a_no_op():
     x = batches()[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(s(x).logits, t(x).logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_folder_saved_before_the_neuron_rename_is_refused_then_upgraded(tmp_path):
+    """Old folders held `mixer.neurons.in_proj.*` / `mlp.neurons.up.*` and `auto_map` pointing into
+    the installed package: load_deployed refuses them (the thresholds would load as fresh ones),
+    upgrade_folder renames the tensors and re-saves with the code; then the same logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from spiking import load_deployed, upgrade_folder
+
+    neurons = {**default_neurons(D=3), "x_proj": {"kind": "atmn", "T": 2}, "mlp.up": {"kind": "si_lif", "D": 2},
+               "mlp.down": {"kind": "atmn", "T": 2}}
+    student = from_teacher(teacher(), neurons=neurons, mlp_intermediate_size=16, calibration_batches=batches())
+    student.save_pretrained(tmp_path)
+    x = batches()[0]["input_ids"]
+    expected = load_deployed(tmp_path)(x).logits
+    # make it the old layout
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    old_names = {"in_proj_input": "in_proj", "x_proj_input": "x_proj", "out_proj_input": "out_proj",
+                 "up_input": "up", "down_input": "down"}
+    old = {}
+    for key, value in weights.items():
+        for new_name, old_name in old_names.items():
+            key = key.replace(f".neurons.{new_name}.", f".neurons.{old_name}.")
+        old[key] = value
+    assert sum(k != o for k, o in zip(weights, old)) == 5 * 2 * 2  # 5 neurons x 2 blocks x (threshold, calibrated)
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "spiking.modeling.SpikingMambaConfig",
+                          "AutoModelForCausalLM": "spiking.modeling.SpikingMambaForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for code in tmp_path.glob("*.py"):
+        code.unlink()
+
+    with pytest.raises(ValueError, match=r"backbone\.layers\.0\.mixer\.neurons\.in_proj\.\S+ is now .*in_proj_input.*"
+                                         r"spiking\.upgrade_folder"):
+        load_deployed(tmp_path)
+    assert upgrade_folder(tmp_path) == 20
+    assert upgrade_folder(tmp_path) == 0  # already new
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling.SpikingMambaForCausalLM"
+    assert (tmp_path / "modeling.py").is_file() and (tmp_path / "neurons.py").is_file()
+    torch.testing.assert_close(load_deployed(tmp_path)(x).logits, expected, atol=0, rtol=0)

@@ -165,9 +165,9 @@ def test_spiking_student_acs_equal_hand_computed_from_its_spikes(mask):
     modules = dict(model.named_modules())
     for i in range(2):
         layer = report.layers[i]
-        for placement, prefix in (("in_proj", "mixer.neurons.in_proj"), ("out_proj", "mixer.neurons.out_proj"),
-                                  ("x_proj", "mixer.neurons.x_proj"), ("mlp.up", "mlp.neurons.up"),
-                                  ("mlp.down", "mlp.neurons.down")):
+        for placement, prefix in (("in_proj", "mixer.neurons.in_proj_input"), ("out_proj", "mixer.neurons.out_proj_input"),
+                                  ("x_proj", "mixer.neurons.x_proj_input"), ("mlp.up", "mlp.neurons.up_input"),
+                                  ("mlp.down", "mlp.neurons.down_input")):
             name = f"backbone.layers.{i}.{prefix}"
             s = modules[name].spike_counts(inputs[name])  # SI-LIF [B, L, C]; ATMN [T, B, L, C]
             per_token = s.abs().sum(0) if s.dim() == 4 else s.abs()

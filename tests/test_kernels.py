@@ -27,7 +27,7 @@ from spiking.kernels import (  # noqa: E402
     selective_state_update,
     selective_state_update_ref,
 )
-from spiking.kernels import scan as scan_module  # noqa: E402
+from spiking import scan as scan_module  # noqa: E402
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CPU = pytest.param(
@@ -101,7 +101,7 @@ SCAN_CASES = [
 @pytest.mark.parametrize("length, chunk, state, groups, extras, softplus, initial_state", SCAN_CASES)
 def test_selective_scan_matches_ref(device, dtype, length, chunk, state, groups, extras, softplus, initial_state):
     """Output, last state and the gradient of every input vs the PyTorch reference's autograd."""
-    from spiking.kernels.triton_scan import selective_scan_triton
+    from spiking.triton_scan import selective_scan_triton
 
     x = scan_inputs(device, dtype, batch=2, dim=8, state=state, length=length, groups=groups, extras=extras,
                     initial_state=initial_state, softplus=softplus)

@@ -77,7 +77,7 @@ def test_neurons_change_logits_and_spikes_are_bounded_integers():
         assert isinstance(record["abs_sum"], int) and record["abs_sum"] > 0, name
         assert 0 < record["mean_abs"] <= 2, name  # |s| <= D = 2
     # the neuron's output is its integer count times its threshold
-    neuron = s.backbone.layers[0].mixer.neurons["in_proj"]
+    neuron = s.backbone.layers[0].mixer.neuron("in_proj")
     h = torch.randn(5, 32) * 3
     counts = neuron.spike_counts(h)
     assert counts.abs().max() <= 2 and counts.dtype in (torch.int32, torch.int64)
@@ -172,8 +172,11 @@ def test_save_pretrained_round_trip_through_auto_class(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is SpikingMambaForCausalLM
     assert loaded.config.neurons == s.config.neurons and loaded.config.mlp_intermediate_size == 16
-    assert loaded.config.auto_map["AutoModelForCausalLM"] == "spiking.modeling.SpikingMambaForCausalLM"
-    neuron, neuron_loaded = (m.backbone.layers[1].mixer.neurons["out_proj"] for m in (s, loaded))
+    # HF's "<file>.<Class>" form, the file saved beside the weights (a folder loads without spikerl)
+    assert loaded.config.auto_map == {"AutoConfig": "modeling.SpikingMambaConfig",
+                                      "AutoModelForCausalLM": "modeling.SpikingMambaForCausalLM"}
+    assert {"modeling.py", "neurons.py", "kernels.py", "scan.py"} <= {p.name for p in tmp_path.iterdir()}
+    neuron, neuron_loaded = (m.backbone.layers[1].mixer.neuron("out_proj") for m in (s, loaded))
     assert bool(neuron_loaded.calibrated)
     torch.testing.assert_close(neuron_loaded.V, neuron.V, atol=0, rtol=0)
     assert loaded.lm_head.weight.data_ptr() == loaded.backbone.embeddings.weight.data_ptr()  # still tied

@@ -441,6 +441,13 @@ def test_count_spikes_honours_attention_mask():
 
 
 def test_neuron_placement_names():
+    # the model's names (spiking.NEURON_MODULE_NAMES)
+    assert neuron_placement("backbone.layers.3.mixer.neurons.in_proj_input") == "in_proj"
+    assert neuron_placement("backbone.layers.3.mixer.neurons.x_proj_input") == "x_proj"
+    assert neuron_placement("backbone.layers.3.mixer.neurons.out_proj_input") == "out_proj"
+    assert neuron_placement("backbone.layers.0.mlp.neurons.up_input") == "mlp.up"
+    assert neuron_placement("backbone.layers.0.mlp.neurons.down_input") == "mlp.down"
+    # hand-built modules named by placement
     assert neuron_placement("backbone.layers.3.mixer.neurons.in_proj") == "in_proj"
     assert neuron_placement("backbone.layers.3.mixer.neurons.x_proj") == "x_proj"
     assert neuron_placement("backbone.layers.0.mlp.neurons.up") == "mlp.up"

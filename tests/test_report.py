@@ -166,3 +166,19 @@ def test_spikerl_report_rebuilds_it_from_the_files_and_refuses_a_run_without_eva
     assert "eval/metrics.json: no eval metrics; run the eval stage first" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_the_hf_teacher_and_the_student_carry_model_cards(run_dir):
+    """The plain-Mamba teacher's card (transformers' own class: one way to load) beside the
+    student's (both ways); each with the figures of its manifest."""
+    from huggingface_hub import ModelCard
+
+    teacher_card = ModelCard.load(run_dir / "teacher" / "README.md")
+    assert "custom_code" not in teacher_card.data.tags and "trust_remote_code=True)" not in teacher_card.text
+    assert "MambaForCausalLM` (transformers' own class" in teacher_card.text
+    manifest = json.loads((run_dir / "teacher" / "manifest.json").read_text())
+    assert {r.metric_type: r.metric_value for r in teacher_card.data.eval_results} == {
+        "accuracy": manifest["metrics"]["teacher_accuracy"], "perplexity": manifest["metrics"]["teacher_ppl"]}
+    student_card = ModelCard.load(run_dir / "distill" / "README.md")
+    assert "custom_code" in student_card.data.tags and "trust_remote_code=True)" in student_card.text
+    assert not (run_dir / "eval" / "README.md").exists()  # eval holds no model

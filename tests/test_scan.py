@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spiking.kernels import scan as scan_module
+from spiking import scan as scan_module
 from spiking.kernels import selective_scan, selective_scan_ref, selective_state_update_ref
 
 

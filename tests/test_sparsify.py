@@ -297,10 +297,11 @@ def test_sparsify_refines_the_distilled_student_with_atmn(tmp_path, distilled, c
     first = load_file(str(ctx.checkpoint_dir / "checkpoint-2" / "model.safetensors"))
     final = load_file(str(ctx.out_dir / "model.safetensors"))
     for key in first:
-        if key.endswith("neurons.out_proj.a"):
+        if key.endswith("neurons.out_proj_input.a"):
             assert torch.equal(first[key], final[key]), key
-        if key.endswith("neurons.in_proj.a"):
+        if key.endswith("neurons.in_proj_input.a"):
             assert not torch.equal(first[key], final[key]), key
+    assert any(key.endswith("neurons.out_proj_input.a") for key in first)  # the checks above ran
     # ... and after a reload too (from_pretrained turns requires_grad back on for every parameter)
     student.train()
     student(input_ids=torch.randint(0, 10, (2, 5))).logits.sum().backward()

@@ -9,7 +9,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-import spiking  # noqa: F401 - registers the Auto classes
+import spiking  # registers the Auto classes
 from spiking import SpikingMambaConfig, SpikingMambaForCausalLM, calibrate, default_neurons, lora_target_modules
 
 trl = pytest.importorskip("trl")
@@ -80,13 +80,58 @@ def test_grpo_trains_the_student(tmp_path, beta):
     assert all(r["kl"] >= 0 for r in trainer.state.log_history if "kl" in r)
 
 
-def test_peft_lora_trains_adapters_only(tmp_path):
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_grpo_with_a_peft_config_trains_the_adapter_only(tmp_path, beta):
+    """TRL wraps the student with PEFT itself (`peft_config`, PEFT's usual Mamba target list);
+    with beta > 0 the reference is the same model with the adapter off."""
     tokenizer = char_tokenizer()
     model = tiny_student(tokenizer)
-    # a plain ["in_proj", ...] would also match the neuron named mixer.neurons.in_proj
-    target = lora_target_modules(("in_proj", "x_proj", "dt_proj"))
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, lora)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "x_proj", "dt_proj"], task_type="CAUSAL_LM")
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=digit_sum_reward, args=grpo_args(tmp_path, beta=beta),
+        train_dataset=prompts(), processing_class=tokenizer, peft_config=lora,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = changed(before, trainer.model)
+    assert any("lora_B" in n for n in moved), moved
+    assert all("lora_" in n for n in moved), [n for n in moved if "lora_" not in n]
+    assert not any(".neurons." in n and "lora_" in n for n, _ in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "target, adapted",
+    [
+        (["in_proj", "x_proj", "dt_proj"], {"in_proj", "x_proj", "dt_proj"}),  # Mamba's usual LoRA target
+        ("all-linear", {"in_proj", "x_proj", "dt_proj", "out_proj"}),  # every linear layer but the LM head
+    ],
+    ids=["mamba-list", "all-linear"],
+)
+def test_peft_lora_with_standard_targets_adapts_projections_only(target, adapted):
+    """PEFT's own target forms on a student with a neuron before in_proj, x_proj and out_proj:
+    the projections get adapters, no neuron does, and training moves the adapter weights alone."""
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = SpikingMambaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, state_size=8, num_hidden_layers=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        neurons={**default_neurons(D=4), "x_proj": {"kind": "atmn", "T": 2}},
+    )
+    model = SpikingMambaForCausalLM(config)
+    calibrate(model, [tokenizer(["12+34=", "5+6="], return_tensors="pt", padding=True)])
+    neuron_names = {name for name, _ in spiking.iter_neurons(model)}
+    assert len(neuron_names) == 6
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target, task_type="CAUSAL_LM"))
+    wrapped = {name.removeprefix("base_model.model.") for name, module in model.named_modules()
+               if isinstance(module, peft.tuners.lora.LoraLayer)}
+    assert {name.rsplit(".", 1)[-1] for name in wrapped} == adapted, wrapped
+    assert len(wrapped) == 2 * len(adapted)  # each projection of both blocks
+    assert not wrapped & neuron_names
+    assert len({name for name, _ in spiking.iter_neurons(model)}) == 6  # every neuron still there, unwrapped
+
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -101,5 +146,10 @@ def test_peft_lora_trains_adapters_only(tmp_path):
     moved = changed(before, model)
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved), moved
     assert all("lora_" in n for n in moved)
-    for target in ("in_proj", "x_proj", "dt_proj"):
-        assert any(f"{target}.lora_B" in n for n in moved), target
+    for name in adapted:
+        assert any(f"{name}.lora_B" in n for n in moved), name
+
+
+def test_lora_target_modules_is_the_plain_list():
+    assert lora_target_modules() == ["in_proj", "x_proj", "dt_proj"]
+    assert lora_target_modules(("in_proj",)) == ["in_proj"]

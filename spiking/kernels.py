@@ -1,9 +1,14 @@
 """Kernels: each fast path beside its PyTorch `_ref` twin, picked by an explicit `backend`.
 
-scan.py          selective_scan_ref / selective_state_update_ref, the dispatch (resolve_backend)
-neuron_gate.py   gate_neuron_ref: y·SiLU(z) then the out_proj neuron; its dispatch
-triton_scan.py   Triton selective scan (fwd + bwd, chunked) and one-token step   (imported lazily)
+scan.py            selective_scan_ref / selective_state_update_ref, the dispatch (resolve_backend)
+neuron_gate.py     gate_neuron_ref: y·SiLU(z) then the out_proj neuron; its dispatch
+triton_scan.py     Triton selective scan (fwd + bwd, chunked) and one-token step   (imported lazily)
 triton_neurons.py  Triton fused gate + SI-LIF / ATMN (fwd + bwd)                  (imported lazily)
+
+The files sit flat in spiking/, next to modeling.py, not in a subpackage: a saved model folder
+carries the modeling code (transformers' `custom_object_save`), and transformers copies only the
+files a module reaches through same-folder relative imports (`from .scan import ...`). This
+module is the dispatch surface the model and the tests import (`from spiking.kernels import ...`).
 """
 
 from .scan import (

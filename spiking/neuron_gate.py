@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..neurons import atmn_closed_form, si_lif
+from .neurons import atmn_closed_form, si_lif
 from .scan import resolve_backend
 
 GATE_NEURON_KINDS = ("si_lif", "atmn")
