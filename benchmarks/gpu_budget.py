@@ -61,7 +61,7 @@ def saved_bytes_per_token_per_block(shape: str, length: int) -> dict[str, float]
     import torch
 
     import spiking
-    import spiking.kernels.scan as scan_module
+    import spiking.scan as scan_module
     from scripts.make_local_teacher import config_for
     from transformers import MambaForCausalLM
 
