@@ -209,6 +209,23 @@ class SpikeRateRegulariser:
             chunks.clear()
         return total / elements.clamp(min=1)
 
+    def energy(self, token_mask: torch.Tensor, pj_per_spike: dict[str, float]) -> torch.Tensor:
+        """pJ per token of the spike-driven ACs on the tokens where `token_mask [B, L]` is 1
+        (scalar, differentiable): each neuron's surrogate spike count × what one of its spikes
+        costs downstream (`spiking.spike_costs`), summed over neurons, averaged over tokens. The
+        spike-rate term weighs every spike alike; this one weighs it by its fan-out (an in_proj
+        spike costs 2E ACs, an x_proj spike R + 2N). Frees the recorded tensors."""
+        total = 0
+        tokens = token_mask.sum().clamp(min=1)
+        for name, chunks in self._counts.items():
+            if not chunks:
+                raise RuntimeError(f"spike energy: neuron {name!r} recorded nothing in the loss's forward")
+            counts = torch.cat(chunks, dim=0)
+            mask = token_mask.to(device=counts.device, dtype=counts.dtype)
+            total = total + (counts * mask).sum() * pj_per_spike[name]
+            chunks.clear()
+        return total / tokens.to(total.device if isinstance(total, torch.Tensor) else "cpu")
+
     def close(self) -> None:
         """Remove the hooks (the model runs as before)."""
         for handle in self._handles:

@@ -1,20 +1,30 @@
-"""Energy per token of a (spiking) Mamba LM: operation counts times a cost table (methods.md §8).
+"""Energy per token of a (spiking) Mamba LM: operation and memory counts times a named cost model.
 
-Convention of the SNN literature: 45 nm CMOS, 32-bit float (Horowitz 2014),
-``45nm-horowitz: MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ``. **Memory access is not counted.**
+Every figure names its cost model (methods.md §8, §10):
+
+* ``45nm-horowitz`` (the SNN literature's convention, SpikingMamba's): 45 nm CMOS, 32-bit float,
+  compute only: MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ (Horowitz 2014). Memory access not counted.
+* ``45nm-int8``: the same ops at Horowitz's 8-bit integer energies (add 0.03 pJ, mult 0.2 pJ:
+  MAC 0.23, AC 0.03, Mul 0.2), compute only: the quantised dense baseline the SNN critics ask for.
+* ``45nm-memory`` (``memory_model(batch)``): 45nm-horowitz's compute plus memory traffic:
+  every weight, activation, membrane-state and spike-event byte read or written, on-chip SRAM at
+  2.5 pJ/byte (Horowitz 2014: 20 pJ per 64-bit read of a 32 KB SRAM) and off-chip DRAM at
+  162.5 pJ/byte (Horowitz 2014: 1.3–2.6 nJ per 64-bit DRAM access, the low end), fp32 weights
+  and activations, 2-byte spike events. Weights come from DRAM once per batch of ``batch``
+  tokens (``batch=1``: single-stream decode, every token reads every weight it needs).
 
 Counted per token, per block (sizes read from the model's own modules, so HF
 ``MambaForCausalLM`` and ``SpikingMambaForCausalLM`` are counted by the same code):
 
 =================  ==========================================================================
-op                 count (d = hidden, E = d_inner, N = d_state, R = dt_rank, K = d_conv)
+op                 compute (d = hidden, E = d_inner, N = d_state, R = dt_rank, K = d_conv)
 =================  ==========================================================================
 norm               RMSNorm: d MAC (sum of squares) + 2·d Mul (normalise, weight)
 in_proj            dense d·2E MAC, or spiking Σ|s|·2E AC; bias: 2E AC
 conv1d             E·K MAC (depthwise); bias: E AC
 conv_silu          SiLU = sigmoid + product: 2·E Mul
 x_proj             E·(R+2N) MAC, or Σ|s|·(R+2N) AC
-dt_proj            R·E MAC + E AC (bias)
+dt_proj            R·E MAC, or Σ|s|·E AC; + E AC (bias)
 dt_softplus        E Mul (a transcendental function counts as one Mul: a lower bound)
 discretize_A       Ā = exp(Δ·A): 2·E·N Mul
 discretize_B_x     B̄·x = (Δ·x)·B: E + E·N Mul
@@ -29,21 +39,25 @@ mlp.*              (when the block has an MLP) norm, gate_proj/up_proj (d·F eac
 <placement>.neuron per neuron input element: 1 Mul (x/V) + one AC per micro-step (SI-LIF D,
                    ATMN T): the membrane update. The output scale y = s·V folds into the next
                    layer's weights and costs nothing.
-head               final RMSNorm + LM head d·vocab MAC. The embedding lookup is memory only.
+head               final RMSNorm (+ the head neuron) + LM head d·vocab MAC, or Σ|s|·vocab AC;
+                   the embedding lookup (memory only: one row from DRAM per token)
 =================  ==========================================================================
 
 A linear layer fed by a spiking neuron costs ``Σ_i |s_i| · n_out`` ACs (ATMN: summed over the T
 steps), with Σ|s| the real spike count per token measured by running the model on the given
 tokens inside ``count_spikes`` (padding excluded when an attention mask is given). Zero spikes
-cost nothing. Everything else stays dense and is counted, never dropped.
+cost nothing. Everything else stays dense and is counted, never dropped. The memory side of each
+op is in `_traffic` (methods.md §10).
 
-Usage: ``estimate_energy(model, input_ids, attention_mask).summary()``;
-``energy_ratio(teacher, student, input_ids)`` = E_teacher / E_student per token.
+Usage: ``measure(model, batches, cost)`` (runs the model, returns the report and the spike
+counts); ``estimate_energy(model, input_ids, attention_mask).summary()``;
+``energy_ratio(teacher, student, input_ids)`` = E_teacher / E_student per token;
+``project(config, rates, cost)``: the same count at another shape from measured rates.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -53,11 +67,15 @@ from spiking.neurons import SpikeStats, count_spikes, iter_neurons, neuron_place
 __all__ = [
     "MODULE_OPS",
     "CostTable",
+    "MemoryCosts",
     "COST_TABLES",
     "HOROWITZ_45NM",
+    "HOROWITZ_45NM_INT8",
+    "memory_model",
     "OpCount",
     "LayerEnergy",
     "EnergyReport",
+    "PlacementRates",
     "dense_linear_ops",
     "spiking_linear_ops",
     "rms_norm_ops",
@@ -67,6 +85,10 @@ __all__ = [
     "energy_ratio",
     "energy_shares",
     "measure",
+    "placement_rates",
+    "project",
+    "break_even",
+    "spike_costs",
 ]
 
 MEMORY_NOTE = "memory access is not counted (compute only: MAC, AC and Mul operations)"
@@ -76,76 +98,174 @@ MEMORY_NOTE = "memory access is not counted (compute only: MAC, AC and Mul opera
 MODULE_OPS: dict[str, tuple[str, ...]] = {
     "in_proj": ("in_proj", "in_proj.neuron"),
     "x_proj": ("x_proj", "x_proj.neuron"),
+    "dt_proj": ("dt_proj", "dt_proj.neuron"),
     "out_proj": ("out_proj", "out_proj.neuron"),
     "mlp.up": ("mlp.gate_proj", "mlp.up_proj", "mlp.up.neuron"),
     "mlp.down": ("mlp.down_proj", "mlp.down.neuron"),
+    "head": ("lm_head", "head.neuron"),
 }
 
 
 @dataclass(frozen=True)
+class MemoryCosts:
+    """Energy per byte moved and the number formats, for a memory-inclusive cost model."""
+
+    sram_pj_per_byte: float = 20.0 / 8  # Horowitz 2014: 32 KB SRAM, 20 pJ per 64-bit read
+    dram_pj_per_byte: float = 1300.0 / 8  # Horowitz 2014: DRAM 1.3-2.6 nJ per 64-bit access (low end)
+    weight_bytes: int = 4  # fp32 weights
+    activation_bytes: int = 4  # fp32 activations, membrane potentials, SSM state
+    event_bytes: int = 2  # a spike event: the input index (and its sign / count)
+    batch: int = 1  # tokens that share one DRAM read of each weight
+
+    def describe(self) -> str:
+        return (
+            f"+ memory: SRAM {self.sram_pj_per_byte} pJ/B, DRAM {self.dram_pj_per_byte} pJ/B (Horowitz 2014), "
+            f"{self.weight_bytes}-byte weights, {self.activation_bytes}-byte activations, {self.event_bytes}-byte "
+            f"spike events, weights from DRAM once per {self.batch} token{'s' if self.batch != 1 else ''}"
+        )
+
+
+@dataclass(frozen=True)
 class CostTable:
-    """Energy per operation in picojoules, under a name that every report carries."""
+    """Energy per operation in picojoules (and per byte moved, with `memory`), under a name that
+    every report carries."""
 
     name: str
     mac_pj: float
     ac_pj: float
     mul_pj: float
+    memory: MemoryCosts | None = None  # None: compute only
 
     def describe(self) -> str:
-        return f"{self.name}: MAC {self.mac_pj} pJ, AC {self.ac_pj} pJ, Mul {self.mul_pj} pJ"
+        text = f"{self.name}: MAC {self.mac_pj} pJ, AC {self.ac_pj} pJ, Mul {self.mul_pj} pJ"
+        return text + (f" {self.memory.describe()}" if self.memory else "")
 
 
 HOROWITZ_45NM = CostTable("45nm-horowitz", mac_pj=4.6, ac_pj=0.9, mul_pj=3.7)
-COST_TABLES: dict[str, CostTable] = {HOROWITZ_45NM.name: HOROWITZ_45NM}
+# Horowitz 2014, 8-bit integer: add 0.03 pJ, mult 0.2 pJ (a MAC is both)
+HOROWITZ_45NM_INT8 = CostTable("45nm-int8", mac_pj=0.23, ac_pj=0.03, mul_pj=0.2)
+
+
+def memory_model(batch: int = 1) -> CostTable:
+    """45nm-horowitz's compute plus memory traffic, weights read from DRAM once per `batch` tokens."""
+    name = "45nm-memory" if batch == 1 else f"45nm-memory-b{batch}"
+    return replace(HOROWITZ_45NM, name=name, memory=MemoryCosts(batch=batch))
+
+
+COST_TABLES: dict[str, CostTable] = {t.name: t for t in (HOROWITZ_45NM, HOROWITZ_45NM_INT8, memory_model(1))}
 
 
 @dataclass
 class OpCount:
-    """Operations per token (floats: spike-driven counts are averages over tokens)."""
+    """Operations and bytes moved per token (floats: spike-driven counts are averages over tokens)."""
 
     mac: float = 0.0
     ac: float = 0.0
     mul: float = 0.0
+    sram_bytes: float = 0.0
+    dram_bytes: float = 0.0
 
     def __add__(self, other: "OpCount") -> "OpCount":
-        return OpCount(self.mac + other.mac, self.ac + other.ac, self.mul + other.mul)
+        return OpCount(
+            self.mac + other.mac, self.ac + other.ac, self.mul + other.mul,
+            self.sram_bytes + other.sram_bytes, self.dram_bytes + other.dram_bytes,
+        )
 
     def energy_pj(self, cost: CostTable) -> float:
-        return self.mac * cost.mac_pj + self.ac * cost.ac_pj + self.mul * cost.mul_pj
+        compute = self.mac * cost.mac_pj + self.ac * cost.ac_pj + self.mul * cost.mul_pj
+        if cost.memory is None:
+            return compute
+        return compute + self.sram_bytes * cost.memory.sram_pj_per_byte + self.dram_bytes * cost.memory.dram_pj_per_byte
 
 
 # --- layer math: small pure functions, one per op family ------------------------------------
 
 
-def dense_linear_ops(n_in: int, n_out: int, bias: bool = False) -> OpCount:
-    """Dense linear layer, one token: ``n_in·n_out`` MACs (+ ``n_out`` ACs for a bias)."""
-    return OpCount(mac=float(n_in * n_out), ac=float(n_out if bias else 0))
+@dataclass(frozen=True)
+class PlacementRates:
+    """Per channel and per token, what a spiking layer's input does: Σ|s| (spikes), events
+    (nonzero spikes: one per SI-LIF count, one per ATMN step that fires) and the fraction of tokens
+    in which the channel is active (any spike: its weight row is needed)."""
+
+    spikes: float
+    events: float
+    active: float
+
+    def scaled(self, k: float) -> "PlacementRates":
+        return PlacementRates(self.spikes * k, self.events * k, min(1.0, self.active * k))
 
 
-def spiking_linear_ops(spike_abs_sum: float, n_out: int, bias: bool = False) -> OpCount:
+def _rows_needed(active: float, batch: int) -> float:
+    """Fraction of a spiking layer's weight rows a batch of `batch` tokens needs (independent tokens)."""
+    return 1.0 - (1.0 - min(max(active, 0.0), 1.0)) ** batch
+
+
+def dense_linear_ops(n_in: int, n_out: int, bias: bool = False, memory: MemoryCosts | None = None) -> OpCount:
+    """Dense linear layer, one token: ``n_in·n_out`` MACs (+ ``n_out`` ACs for a bias).
+
+    Memory: every MAC reads its weight on chip, the input is read and the output written once,
+    and the weights come from DRAM once per batch.
+    """
+    ops = OpCount(mac=float(n_in * n_out), ac=float(n_out if bias else 0))
+    if memory is not None:
+        weights = n_in * n_out + (n_out if bias else 0)
+        ops.sram_bytes = weights * memory.weight_bytes + (n_in + n_out) * memory.activation_bytes
+        ops.dram_bytes = weights * memory.weight_bytes / memory.batch
+    return ops
+
+
+def spiking_linear_ops(
+    spike_abs_sum: float, n_out: int, bias: bool = False, memory: MemoryCosts | None = None,
+    n_in: int = 0, events: float = 0.0, active: float = 0.0,
+) -> OpCount:
     """Linear layer fed by spikes, one token: ``Σ|s|·n_out`` ACs (+ ``n_out`` ACs for a bias).
 
     ``spike_abs_sum`` = Σ_i |s_i| over the layer's inputs for this token (ATMN: also over steps):
-    each spike adds (or subtracts) one weight column, no multiply.
+    each spike adds (or subtracts) one weight column, no multiply. Memory: each AC reads its
+    weight on chip, each spike event is read, the output is written; from DRAM, the rows of the
+    inputs that spiked in the batch (`active`: fraction of tokens a channel spikes in; rows needed
+    by a batch of b tokens = n_in·(1 − (1 − active)^b)), once per batch.
     """
-    return OpCount(ac=float(spike_abs_sum) * n_out + float(n_out if bias else 0))
+    ops = OpCount(ac=float(spike_abs_sum) * n_out + float(n_out if bias else 0))
+    if memory is not None:
+        rows = n_in * _rows_needed(active, memory.batch)
+        ops.sram_bytes = (spike_abs_sum * n_out + (n_out if bias else 0)) * memory.weight_bytes
+        ops.sram_bytes += events * memory.event_bytes + n_out * memory.activation_bytes
+        ops.dram_bytes = (rows * n_out + (n_out if bias else 0)) * memory.weight_bytes / memory.batch
+    return ops
 
 
-def rms_norm_ops(d: int) -> OpCount:
+def rms_norm_ops(d: int, memory: MemoryCosts | None = None) -> OpCount:
     """RMSNorm over d channels: d MACs (sum of squares) + 2·d Muls (normalise, weight)."""
-    return OpCount(mac=float(d), mul=float(2 * d))
+    return _traffic(OpCount(mac=float(d), mul=float(2 * d)), memory, weights=d, reads=d, writes=d)
 
 
-def neuron_ops(channels: int, steps: int) -> OpCount:
-    """A neuron layer's own work per token: 1 Mul per element (x/V) + ``steps`` ACs (membrane)."""
-    return OpCount(mul=float(channels), ac=float(channels * steps))
+def neuron_ops(channels: int, steps: int, memory: MemoryCosts | None = None) -> OpCount:
+    """A neuron layer's own work per token: 1 Mul per element (x/V) + ``steps`` ACs (membrane).
+
+    Memory: the input is read once, the membrane potential read and written at every micro-step,
+    the threshold read (its spikes are counted as events by the layer they feed).
+    """
+    ops = OpCount(mul=float(channels), ac=float(channels * steps))
+    return _traffic(ops, memory, weights=channels, reads=channels, state=2 * channels * steps)
 
 
-def _linear(layer: nn.Linear, spikes_per_token: float | None) -> OpCount:
+def _traffic(ops: OpCount, memory: MemoryCosts | None, weights: int = 0, reads: int = 0, writes: int = 0,
+             state: int = 0) -> OpCount:
+    """`ops` with the bytes of a dense op: `weights` parameters (on chip, and from DRAM once per
+    batch), `reads` / `writes` activations and `state` state values moved, all per token."""
+    if memory is not None:
+        ops.sram_bytes += weights * memory.weight_bytes + (reads + writes + state) * memory.activation_bytes
+        ops.dram_bytes += weights * memory.weight_bytes / memory.batch
+    return ops
+
+
+def _linear(layer: nn.Linear, rates: PlacementRates | None, memory: MemoryCosts | None) -> OpCount:
     bias = layer.bias is not None
-    if spikes_per_token is None:
-        return dense_linear_ops(layer.in_features, layer.out_features, bias)
-    return spiking_linear_ops(spikes_per_token, layer.out_features, bias)
+    if rates is None:
+        return dense_linear_ops(layer.in_features, layer.out_features, bias, memory)
+    n_in = layer.in_features
+    return spiking_linear_ops(rates.spikes * n_in, layer.out_features, bias, memory, n_in, rates.events * n_in, rates.active)
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -181,6 +301,8 @@ class LayerEnergy:
             "mac": t.mac,
             "ac": t.ac,
             "mul": t.mul,
+            "sram_bytes": t.sram_bytes,
+            "dram_bytes": t.dram_bytes,
             "pj_per_token": self.pj_per_token,
             "firing_rate": self.firing_rate,
             "spikes_per_token": dict(self.spikes_per_token),
@@ -214,9 +336,11 @@ class EnergyReport:
     def summary(self) -> str:
         t = self.total
         fr = "dense" if self.firing_rate is None else f"firing rate {self.firing_rate:.4f}"
+        memory = f", SRAM {t.sram_bytes:.4g} B, DRAM {t.dram_bytes:.4g} B" if self.cost.memory else ""
+        note = "" if self.cost.memory else f"; {MEMORY_NOTE}"
         return (
             f"{self.pj_per_token / 1e6:.4f} µJ/token ({fr}; MAC {t.mac:.4g}, AC {t.ac:.4g}, "
-            f"Mul {t.mul:.4g} per token) [{self.cost.describe()}; {MEMORY_NOTE}]"
+            f"Mul {t.mul:.4g}{memory} per token) [{self.cost.describe()}{note}]"
         )
 
     def to_dict(self) -> dict:
@@ -227,7 +351,8 @@ class EnergyReport:
             "tokens": self.tokens,
             "spiking": self.spiking,
             "firing_rate": self.firing_rate,
-            "total": {"mac": t.mac, "ac": t.ac, "mul": t.mul, "pj_per_token": self.pj_per_token},
+            "total": {"mac": t.mac, "ac": t.ac, "mul": t.mul, "sram_bytes": t.sram_bytes, "dram_bytes": t.dram_bytes,
+                      "pj_per_token": self.pj_per_token},
             "layers": [layer.to_dict() for layer in self.layers],
             "ops_counted": list(self.ops_counted),
             "notes": list(self.notes),
@@ -237,42 +362,45 @@ class EnergyReport:
 # --- model walk -------------------------------------------------------------------------------
 
 
-def _block_ops(block: nn.Module, spikes: dict[str, float], neuron_steps: dict[str, tuple[int, int]]) -> dict:
-    """Per-op counts for one Mamba block; ``spikes`` = placement -> Σ|s| per token for the
-    placements that are spiking in this block (absent = dense)."""
+def _block_ops(block: nn.Module, rates: dict[str, PlacementRates], neuron_steps: dict[str, tuple[int, int]],
+               memory: MemoryCosts | None) -> dict:
+    """Per-op counts for one Mamba block; ``rates`` = placement -> its spike rates for the placements
+    that are spiking in this block (absent = dense)."""
     mixer = block.mixer
     d = mixer.in_proj.in_features
     E = mixer.in_proj.out_features // 2
     N = mixer.A_log.shape[-1]
     K = mixer.conv1d.kernel_size[0]
-    ops: dict[str, OpCount] = {"norm": rms_norm_ops(d)}
+    conv_bias = mixer.conv1d.bias is not None
+    ops: dict[str, OpCount] = {"norm": rms_norm_ops(d, memory)}
     for placement, (channels, steps) in neuron_steps.items():
-        if placement in spikes:
-            ops[f"{placement}.neuron"] = neuron_ops(channels, steps)
-    ops["in_proj"] = _linear(mixer.in_proj, spikes.get("in_proj"))
-    ops["conv1d"] = OpCount(mac=float(E * K), ac=float(E if mixer.conv1d.bias is not None else 0))
-    ops["conv_silu"] = OpCount(mul=float(2 * E))
-    ops["x_proj"] = _linear(mixer.x_proj, spikes.get("x_proj"))
-    ops["dt_proj"] = _linear(mixer.dt_proj, None)
-    ops["dt_softplus"] = OpCount(mul=float(E))
-    ops["discretize_A"] = OpCount(mul=float(2 * E * N))
-    ops["discretize_B_x"] = OpCount(mul=float(E + E * N))
-    ops["scan_state"] = OpCount(mac=float(E * N))
-    ops["scan_output"] = OpCount(mac=float(E * N))
-    ops["D_skip"] = OpCount(mac=float(E))
-    ops["gate"] = OpCount(mul=float(3 * E))
-    ops["out_proj"] = _linear(mixer.out_proj, spikes.get("out_proj"))
-    ops["residual"] = OpCount(ac=float(d))
+        if placement in rates:
+            ops[f"{placement}.neuron"] = neuron_ops(channels, steps, memory)
+    ops["in_proj"] = _linear(mixer.in_proj, rates.get("in_proj"), memory)
+    ops["conv1d"] = _traffic(OpCount(mac=float(E * K), ac=float(E if conv_bias else 0)), memory,
+                             weights=E * K + (E if conv_bias else 0), reads=E, state=E * K)  # the K-window conv state
+    ops["conv_silu"] = _traffic(OpCount(mul=float(2 * E)), memory, reads=E, writes=E)
+    ops["x_proj"] = _linear(mixer.x_proj, rates.get("x_proj"), memory)
+    ops["dt_proj"] = _linear(mixer.dt_proj, rates.get("dt_proj"), memory)
+    ops["dt_softplus"] = _traffic(OpCount(mul=float(E)), memory, reads=E, writes=E)
+    ops["discretize_A"] = _traffic(OpCount(mul=float(2 * E * N)), memory, weights=E * N, reads=E)  # A, Δ
+    ops["discretize_B_x"] = _traffic(OpCount(mul=float(E + E * N)), memory, reads=N + E)  # B, x
+    ops["scan_state"] = _traffic(OpCount(mac=float(E * N)), memory, state=2 * E * N)  # h read and written
+    ops["scan_output"] = _traffic(OpCount(mac=float(E * N)), memory, reads=N, writes=E)  # C, y
+    ops["D_skip"] = _traffic(OpCount(mac=float(E)), memory, weights=E, reads=E, writes=E)
+    ops["gate"] = _traffic(OpCount(mul=float(3 * E)), memory, reads=2 * E, writes=E)
+    ops["out_proj"] = _linear(mixer.out_proj, rates.get("out_proj"), memory)
+    ops["residual"] = _traffic(OpCount(ac=float(d)), memory, reads=2 * d, writes=d)
 
     mlp = getattr(block, "mlp", None)
     if mlp is not None:
         F = mlp.up_proj.out_features
-        ops["mlp.norm"] = rms_norm_ops(d)
-        ops["mlp.gate_proj"] = _linear(mlp.gate_proj, spikes.get("mlp.up"))
-        ops["mlp.up_proj"] = _linear(mlp.up_proj, spikes.get("mlp.up"))
-        ops["mlp.act"] = OpCount(mul=float(3 * F))  # SiLU(gate) (2 Mul) · up (1 Mul)
-        ops["mlp.down_proj"] = _linear(mlp.down_proj, spikes.get("mlp.down"))
-        ops["mlp.residual"] = OpCount(ac=float(d))
+        ops["mlp.norm"] = rms_norm_ops(d, memory)
+        ops["mlp.gate_proj"] = _linear(mlp.gate_proj, rates.get("mlp.up"), memory)
+        ops["mlp.up_proj"] = _linear(mlp.up_proj, rates.get("mlp.up"), memory)
+        ops["mlp.act"] = _traffic(OpCount(mul=float(3 * F)), memory, reads=2 * F, writes=F)  # SiLU(gate) (2 Mul) · up (1 Mul)
+        ops["mlp.down_proj"] = _linear(mlp.down_proj, rates.get("mlp.down"), memory)
+        ops["mlp.residual"] = _traffic(OpCount(ac=float(d)), memory, reads=2 * d, writes=d)
     return ops
 
 
@@ -337,16 +465,49 @@ def estimate_energy(
     return energy_report(model, stats, _count_tokens(input_ids, attention_mask), cost)
 
 
-def energy_report(model: nn.Module, stats: SpikeStats | None, tokens: int, cost: CostTable = HOROWITZ_45NM) -> EnergyReport:
-    """The per-layer op counts of ``model``, its spiking layers costed from ``stats`` (the counts of
-    a forward over ``tokens`` tokens; None for a dense model)."""
+def _neuron_rates(record: dict, channels: int) -> PlacementRates:
+    """One neuron's per-channel, per-token rates from its SpikeStats record."""
+    per = record["tokens"] * channels
+    return PlacementRates(record["abs_sum"] / per, record["nonzero"] / per, record["active"] / per)
+
+
+def placement_rates(stats: SpikeStats, model: nn.Module) -> dict[str, PlacementRates]:
+    """Placement -> its spike rates per channel per token, averaged over the model's layers: what
+    `project` needs to count the same placements at another shape."""
+    widths = {name: neuron.channels for name, neuron in iter_neurons(model)}
+    sums: dict[str, list[float]] = {}
+    for name, record in stats.by_name().items():
+        per = record["tokens"] * widths[name]
+        acc = sums.setdefault(record["placement"], [0.0, 0.0, 0.0, 0.0])
+        acc[0] += record["abs_sum"]
+        acc[1] += record["nonzero"]
+        acc[2] += record["active"]
+        acc[3] += per
+    return {p: PlacementRates(a / n, e / n, act / n) for p, (a, e, act, n) in sums.items()}
+
+
+def energy_report(
+    model: nn.Module,
+    stats: SpikeStats | None,
+    tokens: int,
+    cost: CostTable = HOROWITZ_45NM,
+    *,
+    rates: dict[str, PlacementRates] | None = None,
+    scale: float = 1.0,
+) -> EnergyReport:
+    """The per-layer op and byte counts of ``model``, its spiking layers costed from ``stats`` (the
+    counts of a forward over ``tokens`` tokens; None for a dense model), or from per-placement
+    ``rates`` (a projection: no forward, e.g. a model on the meta device). ``scale`` multiplies
+    every spike figure (active fractions capped at 1): the student at ``scale`` × its firing rate,
+    for the break-even search."""
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(backbone, "layers"):
         raise ValueError(
             f"model {type(model).__name__} has no .backbone.layers: expected MambaForCausalLM or "
             "SpikingMambaForCausalLM"
         )
-    notes = [MEMORY_NOTE, f"cost table {cost.describe()}"]
+    memory = cost.memory
+    notes = [MEMORY_NOTE if memory is None else "memory traffic counted (methods.md §10)", f"cost table {cost.describe()}"]
     neurons = list(iter_neurons(model))
     spiking = _is_spiking(model)
     if neurons and not spiking:
@@ -357,53 +518,96 @@ def energy_report(model: nn.Module, stats: SpikeStats | None, tokens: int, cost:
             f"{len(lam_on)} neurons have sgc_lambda != 0; counted as deployed (pure spiking, "
             "the SGC bypass is training-only and not counted)"
         )
-    if spiking and stats is None:
+    if spiking and stats is None and rates is None:
         raise ValueError("energy_report: a spiking model needs the spike counts of a forward over the tokens (use measure)")
+    if rates is not None:
+        notes.append("projected from per-placement spike rates (no forward at this shape)")
 
-    records = stats.by_name() if spiking else {}
+    records = stats.by_name() if spiking and stats is not None else {}
+
+    def rates_of(full_name: str, placement: str, neuron) -> tuple[PlacementRates, float, float]:
+        """(the neuron's rates, its nonzero events and elements per token: the firing-rate parts)."""
+        elements = neuron.channels * (neuron.top_level if neuron.kind == "atmn" else 1)
+        if rates is not None:
+            if placement not in rates:
+                raise ValueError(f"project: no measured rates for placement {placement!r} (have {sorted(rates)})")
+            rate = rates[placement].scaled(scale)
+            return rate, rate.events * neuron.channels, elements
+        record = records.get(full_name)
+        if record is None or record["tokens"] == 0:
+            raise RuntimeError(f"neuron {full_name!r} recorded no spikes during the forward: is it bypassed?")
+        rate = _neuron_rates(record, neuron.channels).scaled(scale)
+        if scale == 1.0:  # the measured counts themselves (exact integers over the measured tokens)
+            return rate, record["nonzero"], record["elements"]
+        return rate, rate.events * neuron.channels, elements
+
     layers: list[LayerEnergy] = []
+    fr_nonzero, fr_elements = 0.0, 0.0
     for index, block in enumerate(backbone.layers):
-        spikes: dict[str, float] = {}
+        block_rates: dict[str, PlacementRates] = {}
         neuron_steps: dict[str, tuple[int, int]] = {}
-        fr_nonzero, fr_elements = 0, 0
+        nonzero, elements = 0.0, 0.0
         if spiking:
             prefix = _module_name(model, block)
             for rel_name, neuron in iter_neurons(block):
                 placement = neuron_placement(rel_name)
                 if placement not in MODULE_OPS:
                     raise ValueError(f"neuron {rel_name!r} in layer {index}: unknown placement {placement!r}")
-                full = f"{prefix}.{rel_name}" if prefix else rel_name
-                rec = records.get(full)
-                if rec is None or rec["tokens"] == 0:
-                    raise RuntimeError(
-                        f"neuron {full!r} recorded no spikes during the forward: is it bypassed?"
-                    )
-                spikes[placement] = rec["abs_sum"] / rec["tokens"]
+                rate, events, count = rates_of(f"{prefix}.{rel_name}" if prefix else rel_name, placement, neuron)
+                block_rates[placement] = rate
                 neuron_steps[placement] = (neuron.channels, neuron.top_level)  # micro-steps: D or T
-                fr_nonzero += rec["nonzero"]
-                fr_elements += rec["elements"]
+                nonzero, elements = nonzero + events, elements + count
+        fr_nonzero, fr_elements = fr_nonzero + nonzero, fr_elements + elements
         layers.append(
             LayerEnergy(
                 name=f"layers.{index}",
                 index=index,
-                ops=_block_ops(block, spikes, neuron_steps),
+                ops=_block_ops(block, block_rates, neuron_steps, memory),
                 cost=cost,
-                spikes_per_token=spikes,
-                firing_rate=(fr_nonzero / fr_elements) if fr_elements else None,
+                spikes_per_token={p: r.spikes * neuron_steps[p][0] for p, r in block_rates.items()},
+                firing_rate=(nonzero / elements) if elements else None,
             )
         )
 
-    d = model.lm_head.in_features
-    head_ops = {"norm_f": rms_norm_ops(d), "lm_head": _linear(model.lm_head, None)}
-    layers.append(LayerEnergy(name="head", index=None, ops=head_ops, cost=cost))
-
+    head, nonzero, elements = _head_layer(model, backbone, cost, spiking, rates_of)
+    layers.append(head)
+    fr_nonzero, fr_elements = fr_nonzero + nonzero, fr_elements + elements
     ops_counted = sorted({op for layer in layers for op in layer.ops})
     notes.append(
         "transcendental functions (exp, softplus, sigmoid) count as one Mul each; "
         "the embedding lookup is memory only"
     )
-    firing = stats.firing_rate if spiking else None
+    if not spiking:
+        firing = None
+    elif rates is None and scale == 1.0:
+        firing = stats.firing_rate
+    else:
+        firing = fr_nonzero / fr_elements if fr_elements else None
     return EnergyReport(cost, layers, tokens, spiking, firing, ops_counted, notes)
+
+
+def _head_layer(model: nn.Module, backbone: nn.Module, cost: CostTable, spiking: bool, rates_of) -> tuple[LayerEnergy, float, float]:
+    """(norm_f, the optional head neuron, the LM head and the embedding lookup (memory only); the
+    head neuron's nonzero events and elements per token, 0 without one)."""
+    memory = cost.memory
+    d = model.lm_head.in_features
+    ops = {"norm_f": rms_norm_ops(d, memory)}
+    neurons = getattr(backbone, "neurons", None)
+    head_neuron = neurons["head_input"] if neurons is not None and "head_input" in neurons else None
+    rate = None
+    nonzero = elements = 0.0
+    if spiking and head_neuron is not None:
+        prefix = _module_name(model, backbone)
+        rate, nonzero, elements = rates_of(f"{prefix}.neurons.head_input", "head", head_neuron)
+        ops["head.neuron"] = neuron_ops(head_neuron.channels, head_neuron.top_level, memory)
+    ops["lm_head"] = _linear(model.lm_head, rate, memory)
+    if memory is not None:  # one embedding row per token, from DRAM (never shared across a batch)
+        ops["embedding"] = OpCount(dram_bytes=float(d * memory.weight_bytes))
+    if rate is None:
+        return LayerEnergy(name="head", index=None, ops=ops, cost=cost), 0.0, 0.0
+    layer = LayerEnergy(name="head", index=None, ops=ops, cost=cost, spikes_per_token={"head": rate.spikes * d},
+                        firing_rate=nonzero / elements)
+    return layer, nonzero, elements
 
 
 def _module_name(model: nn.Module, target: nn.Module) -> str:
@@ -436,3 +640,56 @@ def energy_shares(report: EnergyReport) -> dict[str, float]:
             pj = sum(layer.ops[op].energy_pj(report.cost) for layer in report.layers for op in ops if op in layer.ops)
             shares[placement] = pj / total
     return shares
+
+
+def project(config, rates: dict[str, PlacementRates], cost: CostTable = HOROWITZ_45NM) -> EnergyReport:
+    """Energy per token of a model of `config` (a SpikingMambaConfig, any size) whose neurons fire
+    at the measured per-placement `rates`: built on the meta device (no weights), counted with the
+    same `energy_report`. A projection, labelled as one in its notes."""
+    from spiking.modeling import SpikingMambaForCausalLM
+
+    with torch.device("meta"):
+        model = SpikingMambaForCausalLM(config)
+    return energy_report(model, None, 1, cost, rates=rates)
+
+
+def break_even(teacher_pj: float, model: nn.Module, stats: SpikeStats, cost: CostTable, tol: float = 1e-4) -> float | None:
+    """The overall firing rate at which the student's energy per token under `cost` equals
+    `teacher_pj` (its measured spike figures scaled by one factor k; bisection on k), or None when
+    even zero spikes cost more than the teacher (the dense rest alone does), or 1.0 when the student
+    is cheaper at every firing rate up to 1 (every element spiking)."""
+    def energy(k: float) -> float:
+        return energy_report(model, stats, 1, cost, scale=k).pj_per_token
+
+    rate = stats.firing_rate
+    if energy(0.0) >= teacher_pj:
+        return None
+    low, high = 0.0, 1.0 / rate if rate > 0 else 1.0  # k at a firing rate of 1: every element spikes
+    if energy(high) < teacher_pj:
+        return 1.0  # cheaper than the teacher at every firing rate up to 1
+    while high - low > tol * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if energy(mid) < teacher_pj else (low, mid)
+    return rate * (low + high) / 2
+
+
+def spike_costs(model: nn.Module, cost: CostTable = HOROWITZ_45NM) -> dict[str, float]:
+    """Neuron module name -> pJ one of its spikes costs downstream: the ACs it triggers (one per
+    output of every linear layer it feeds, `MODULE_OPS`) at `cost`'s AC energy. What a spike-energy
+    penalty weighs each neuron's spikes by (methods.md §9): an in_proj spike adds 2E weights, a
+    dt_proj spike E, a head spike the whole vocabulary."""
+    modules = dict(model.named_modules())
+    costs = {}
+    for name, neuron in iter_neurons(model):
+        placement = neuron_placement(name)
+        owner = modules[name.rsplit(".neurons.", 1)[0]]  # the mixer, the MLP or the backbone
+        if placement == "head":
+            fan_out = model.get_output_embeddings().out_features
+        elif placement == "mlp.up":
+            fan_out = owner.gate_proj.out_features + owner.up_proj.out_features
+        elif placement == "mlp.down":
+            fan_out = owner.down_proj.out_features
+        else:
+            fan_out = getattr(owner, placement).out_features
+        costs[name] = fan_out * cost.ac_pj
+    return costs

@@ -44,9 +44,12 @@ from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan
 from .neurons import ATMN, DEFAULT_D, NEURON_MODULE_NAMES, NeuronSpec, make_neuron
 
 # Where a neuron may sit: the input of that linear layer. "mlp.*" need `mlp_intermediate_size`.
-MIXER_PLACEMENTS = ("in_proj", "x_proj", "out_proj")
+MIXER_PLACEMENTS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 MLP_PLACEMENTS = ("mlp.up", "mlp.down")
-PLACEMENTS = MIXER_PLACEMENTS + MLP_PLACEMENTS
+# "head": the LM head's input, the last op inside the backbone (after norm_f), so TRL's fused LM head
+# (which multiplies `backbone(...).last_hidden_state` by the head weight itself) sees the spikes too
+MODEL_PLACEMENTS = ("head",)
+PLACEMENTS = MIXER_PLACEMENTS + MLP_PLACEMENTS + MODEL_PLACEMENTS
 
 
 def default_neurons(D: int = DEFAULT_D, learnable: bool = True) -> dict[str, dict]:
@@ -162,7 +165,12 @@ class SpikingMambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
         self.neurons = _make_neurons(
             config,
-            channels={"in_proj": self.hidden_size, "x_proj": self.intermediate_size, "out_proj": self.intermediate_size},
+            channels={
+                "in_proj": self.hidden_size,
+                "x_proj": self.intermediate_size,
+                "dt_proj": self.time_step_rank,
+                "out_proj": self.intermediate_size,
+            },
         )
 
     @torch.no_grad()
@@ -187,7 +195,7 @@ class SpikingMambaMixer(nn.Module):
         init.copy_(self.dt_proj.bias, inv_dt)
 
     def neuron(self, placement: str) -> nn.Module | None:
-        """The neuron on the input of `placement` ("in_proj", "x_proj", "out_proj"), or None."""
+        """The neuron on the input of `placement` ("in_proj", "x_proj", "dt_proj", "out_proj"), or None."""
         return _neuron(self.neurons, placement)
 
     def spike(self, placement: str, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +261,7 @@ class SpikingMambaMixer(nn.Module):
             dim=-1,
         )
         # the module is called (HF reads dt_proj.weight): a LoRA adapter / ZeRO-3 hook on it then takes effect
-        time_step = self.dt_proj(time_step).transpose(1, 2)  # [B, D, L], bias included
+        time_step = self.dt_proj(self.spike("dt_proj", time_step)).transpose(1, 2)  # [B, D, L], bias included
 
         # 4. selective scan, gated by SiLU(z) (the gate moves into the neuron kernel when that is fused)
         backend = self.config.scan_backend
@@ -390,7 +398,8 @@ class SpikingMambaPreTrainedModel(PreTrainedModel):
 
 @dataclass
 class SpikingMambaOutput(ModelOutput):
-    """Backbone output. last_hidden_state [B, L, H] (after norm_f); hidden_states: each block's
+    """Backbone output. last_hidden_state [B, L, H] (after norm_f, and the head neuron if any);
+    hidden_states: each block's
     output then the normed last one (HF Mamba's convention); cache: the recurrent state."""
 
     last_hidden_state: torch.Tensor | None = None
@@ -424,7 +433,12 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
         self.layers = nn.ModuleList([SpikingMambaBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
         self.norm_f = SpikingMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.neurons = _make_neurons(config, channels={"head": config.hidden_size})
         self.post_init()
+
+    def neuron(self, placement: str) -> nn.Module | None:
+        """The model-level neuron at `placement` ("head": on the LM head's input), or None."""
+        return _neuron(self.neurons, placement)
 
     def get_input_embeddings(self):
         return self.embeddings
@@ -471,6 +485,9 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
         hidden_states = self.norm_f(hidden_states)
+        head_neuron = self.neuron("head")
+        if self.config.spiking and head_neuron is not None:
+            hidden_states = head_neuron(hidden_states)  # [B, L, H]: what the LM head reads, spikes included
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
 

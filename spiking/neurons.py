@@ -786,11 +786,13 @@ def iter_neurons(model: nn.Module) -> Iterator[tuple[str, _SpikingNeuron]]:
 NEURON_MODULE_NAMES: dict[str, str] = {
     "in_proj": "in_proj_input",
     "x_proj": "x_proj_input",
+    "dt_proj": "dt_proj_input",
     "out_proj": "out_proj_input",
     "mlp.up": "up_input",
     "mlp.down": "down_input",
+    "head": "head_input",  # the LM head's input: backbone.neurons.head_input, after norm_f
 }
-_MIXER_NEURON_PLACEMENTS = {NEURON_MODULE_NAMES[p]: p for p in ("in_proj", "x_proj", "out_proj")}
+_MIXER_NEURON_PLACEMENTS = {NEURON_MODULE_NAMES[p]: p for p in ("in_proj", "x_proj", "dt_proj", "out_proj", "head")}
 _MLP_NEURON_PLACEMENTS = {NEURON_MODULE_NAMES[p]: p for p in ("mlp.up", "mlp.down")}
 _PLACEMENT_ALIASES = {"mlp_up": "mlp.up", "mlp_down": "mlp.down"}
 
@@ -841,8 +843,10 @@ class _Totals:
     steps: int  # 1 for SI-LIF, T for ATMN (elements include the step axis)
     abs_sum: torch.Tensor | int = 0  # Σ|s|, int64 tensor on the model's device until read
     nonzero: torch.Tensor | int = 0  # number of (step, token, channel) with s != 0
+    active: torch.Tensor | int = 0  # number of (token, channel) with any spike in the token
     elements: int = 0  # tokens · channels · steps
     tokens: int = 0
+    channels: int = 0
 
 
 @dataclass
@@ -868,10 +872,12 @@ class SpikeStats:
             rec = self._totals[name] = _Totals(neuron.kind, neuron_placement(name), layer_index(name), steps)
         mask = self.attention_mask
         channels = abs_counts.shape[-1]
+        active = abs_counts > 0  # [..., C]: the channel sends at least one spike event in the token
         if mask is None:
             tokens = abs_counts.numel() // channels
             abs_sum = abs_counts.sum(dtype=torch.int64)
             nz = nonzero.sum(dtype=torch.int64)
+            act = active.sum(dtype=torch.int64)
         else:
             if tuple(mask.shape) != tuple(abs_counts.shape[:-1]):
                 raise ValueError(
@@ -882,9 +888,12 @@ class SpikeStats:
             tokens = int(m.sum())
             abs_sum = (abs_counts * m).sum(dtype=torch.int64)
             nz = (nonzero * m).sum(dtype=torch.int64)
+            act = (active & m).sum(dtype=torch.int64)
         rec.abs_sum = rec.abs_sum + abs_sum
         rec.nonzero = rec.nonzero + nz
+        rec.active = rec.active + act
         rec.tokens += tokens
+        rec.channels = channels
         rec.elements += tokens * channels * steps
 
     # --- per name -----------------------------------------------------------------------
@@ -909,17 +918,22 @@ class SpikeStats:
     def _summary(records: list[_Totals]) -> dict:
         abs_sum = sum(int(r.abs_sum) for r in records)
         nonzero = sum(int(r.nonzero) for r in records)
+        active = sum(int(r.active) for r in records)
         elements = sum(r.elements for r in records)
+        token_channels = sum(r.tokens * r.channels for r in records)
         # every neuron of a model sees each token once: tokens of the group = max, not the sum
         tokens = max((r.tokens for r in records), default=0)
         return {
             "abs_sum": abs_sum,
             "nonzero": nonzero,
+            "active": active,
             "elements": elements,
             "tokens": tokens,
             "firing_rate": nonzero / elements if elements else 0.0,
             "mean_abs": abs_sum / elements if elements else 0.0,
             "spikes_per_token": abs_sum / tokens if tokens else 0.0,
+            # fraction of (token, channel) pairs with at least one spike: the weight rows a token needs
+            "active_fraction": active / token_channels if token_channels else 0.0,
         }
 
     # --- overall ------------------------------------------------------------------------

@@ -12,9 +12,11 @@ order, measured the same way:
   `arith_exact`, `math_answer`): the mean over the rows it applies to.
 * perplexity on the first `eval_blocks` packed blocks of the held-out corpus (`corpus/test`).
 * firing rate per layer, per module type (in_proj, out_proj, ...) and overall, counted with
-  `spiking.count_spikes` on those same blocks; and the energy per token on them with
-  `spiking.estimate_energy` (45nm-horowitz: MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ; memory access is
-  not counted), per op and per op kind, and the ratio E_teacher / E_model on the same tokens.
+  `spiking.count_spikes` on those same blocks; and the energy per token on them under every cost
+  model of `cost_models` (45nm-horowitz, 45nm-int8, 45nm-memory at batch 1 and at the eval batch;
+  methods.md §8, §10) with the ratio to the teacher under each, against the INT8 teacher, and the
+  break-even firing rate under 45nm-memory; the breakdown per op and per op kind is 45nm-horowitz's
+  (MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ, compute only).
 * parameter count; lm-eval zero-shot tasks when `lm_eval` lists any, through lm-eval's own
   `HFLM` wrapper around the in-memory model (the paper's six tasks by default; a local task
   folder through `lm_eval_include_path`, e.g. recipes/lm_eval_tasks).
@@ -192,12 +194,38 @@ def energy_figures(report: spiking.EnergyReport) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def measure_energy(model, held_out: torch.Tensor) -> dict[str, Any]:
-    """Firing rates and energy per token of `model` on held-out blocks `held_out` [B, L]."""
-    report, stats = spiking.measure(model, held_out)
+def cost_models(eval_batch: int) -> dict[str, spiking.CostTable]:
+    """The cost models every model is counted under (methods.md §8, §10), by the name reports use:
+    compute-only fp32 (the papers'), compute-only int8, memory-inclusive at batch 1 (decode) and at
+    the evaluation batch (weights read from DRAM once per batch)."""
+    tables = [spiking.HOROWITZ_45NM, spiking.HOROWITZ_45NM_INT8, spiking.memory_model(1), spiking.memory_model(eval_batch)]
+    return {table.name: table for table in tables}
+
+
+def measure_energy(model, held_out: torch.Tensor, costs: dict[str, spiking.CostTable]) -> tuple[dict[str, Any], Any]:
+    """Firing rates and energy per token of `model` on held-out blocks `held_out` [B, L]: one
+    forward, its spike counts costed under every model of `costs` (the first is the headline,
+    `energy`; all are in `energy_by_cost_model`). Returns (figures, spike stats or None)."""
+    first, *_ = costs.values()
+    report, stats = spiking.measure(model, held_out, first)
+    tokens = report.tokens
+    by_model = {name: spiking.energy_report(model, stats, tokens, cost).pj_per_token for name, cost in costs.items()}
+    # break_even_firing_rate: filled in by `run` for a spiking model once the teacher's figures are known
+    figures = {"energy": energy_figures(report), "energy_by_cost_model": {"pj_per_token": by_model, "break_even_firing_rate": None}}
     if stats is None:  # dense
-        return {"firing_rate": None, "energy": energy_figures(report)}
-    return {**firing_rates(stats, len(model.backbone.layers)), "energy": energy_figures(report)}
+        return {"firing_rate": None, **figures}, None
+    return {**firing_rates(stats, len(model.backbone.layers)), **figures}, stats
+
+
+def energy_ratios(entry: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float | None]:
+    """E_teacher / E_model per cost model, and against the INT8 teacher (the teacher under 45nm-int8,
+    the model under 45nm-horowitz: a quantised dense baseline against the spiking model as trained)."""
+    mine = entry["energy_by_cost_model"]["pj_per_token"]
+    theirs = (teacher.get("energy_by_cost_model") or {}).get("pj_per_token") or {}
+    ratios = {name: theirs[name] / pj if name in theirs and pj else None for name, pj in mine.items()}
+    int8, fp32 = theirs.get(spiking.HOROWITZ_45NM_INT8.name), mine.get(spiking.HOROWITZ_45NM.name)
+    ratios["int8-teacher"] = int8 / fp32 if int8 is not None and fp32 else None
+    return ratios
 
 
 def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: Config, seed: int) -> dict[str, dict[str, float]]:
@@ -320,6 +348,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     held_out = torch.tensor(blocks["input_ids"], device=device)  # [eval_blocks, L]: the same tokens for every model
 
+    costs = cost_models(cfg.eval_batch_size)
+    memory_1 = spiking.memory_model(1)
     results: dict[str, dict[str, Any]] = {}
     for name, folder in found.items():
         started = time.perf_counter()
@@ -336,7 +366,14 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             "perplexity": tasks.perplexity(model, blocks, cfg.eval_batch_size),
         }
         if cfg.energy:
-            entry.update(measure_energy(model, held_out))
+            figures, stats = measure_energy(model, held_out, costs)
+            entry.update(figures)
+            teacher_pj = (results.get("teacher", {}).get("energy_by_cost_model") or {}).get("pj_per_token", {})
+            if stats is not None and memory_1.name in teacher_pj:
+                # the overall firing rate at which this model would cost what the teacher does (batch-1 decode)
+                entry["energy_by_cost_model"]["break_even_firing_rate"] = spiking.break_even(
+                    teacher_pj[memory_1.name], model, stats, memory_1
+                )
         if task_manager is not None:
             entry["lm_eval"] = lm_eval_scores(model, tokenizer, cfg.lm_eval, task_manager, cfg, ctx.seed)
             entry["lm_eval_headline"] = lm_eval_headline(entry["lm_eval"], cfg.lm_eval)
@@ -362,6 +399,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         if cfg.energy:
             # E_teacher / E_model on the same held-out tokens; None without an evaluated teacher
             entry["energy"]["ratio_to_teacher"] = teacher_pj / entry["energy"]["pj_per_token"] if teacher_pj else None
+            entry["energy_by_cost_model"]["ratio_to_teacher"] = energy_ratios(entry, teacher)
         if task_manager is not None:
             # the paper's "zero-shot gap": teacher average minus this model's, in points
             average = entry["lm_eval_average"]
@@ -373,6 +411,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine(),
         "cost_table": spiking.HOROWITZ_45NM.describe() if cfg.energy else None,
+        "cost_models": {name: cost.describe() for name, cost in costs.items()} if cfg.energy else None,
         "memory_note": spiking.energy.MEMORY_NOTE,
         "tasks": list(cfg.tasks),
         "eval_samples": len(test_prompts),
@@ -405,6 +444,11 @@ def headline_metrics(metrics_file: dict[str, Any]) -> dict[str, Any]:
             out[f"{name}/firing_rate"] = entry["firing_rate"]
             out[f"{name}/energy_pj_per_token"] = entry["energy"]["pj_per_token"]
             out[f"{name}/energy_ratio"] = entry["energy"]["ratio_to_teacher"]
+            for model_name, ratio in (entry["energy_by_cost_model"].get("ratio_to_teacher") or {}).items():
+                if model_name != spiking.HOROWITZ_45NM.name:
+                    out[f"{name}/energy_ratio/{model_name}"] = ratio
+            if entry["energy_by_cost_model"].get("break_even_firing_rate") is not None:
+                out[f"{name}/break_even_firing_rate/45nm-memory"] = entry["energy_by_cost_model"]["break_even_firing_rate"]
         out[f"{name}/params"] = entry["params"]
         for task, value in (entry.get("lm_eval_headline") or {}).items():
             out[f"{name}/lm_eval/{task}"] = value

@@ -118,10 +118,24 @@ def table_columns(metrics: dict) -> list[tuple[str, str, tuple[str, ...]]]:
     columns += [
         ("perplexity", "perplexity", ("perplexity",)),
         ("firing rate", "firing_rate", ("firing_rate",)),
-        ("energy pJ/token", "energy_pj_per_token", ("energy", "pj_per_token")),
-        ("energy ratio (teacher / stage)", "energy_ratio", ("energy", "ratio_to_teacher")),
+        ("energy pJ/token (45nm-horowitz)", "energy_pj_per_token", ("energy", "pj_per_token")),
+        ("energy ratio 45nm-horowitz (teacher / stage)", "energy_ratio", ("energy", "ratio_to_teacher")),
         ("parameters", "params", ("params",)),
     ]
+    return columns
+
+
+def cost_model_columns(metrics: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(header, kind, key path under stages.<stage>) of the ratio-by-cost-model table (methods.md §10)."""
+    names = list(metrics.get("cost_models") or {})
+    if not names:
+        return []
+    by = ("energy_by_cost_model", "ratio_to_teacher")
+    columns = [(f"ratio {names[0]} (fp32, compute)", "energy_ratio", (*by, names[0]))]
+    columns.append(("ratio vs INT8 teacher (teacher 45nm-int8, stage 45nm-horowitz)", "energy_ratio", (*by, "int8-teacher")))
+    columns += [(f"ratio {name}", "energy_ratio", (*by, name)) for name in names[1:]]
+    columns.append(("firing rate", "firing_rate", ("firing_rate",)))
+    columns.append(("break-even firing rate (45nm-memory, batch 1)", "firing_rate", ("energy_by_cost_model", "break_even_firing_rate")))
     return columns
 
 
@@ -137,7 +151,9 @@ def stage_rows(metrics: dict) -> list[dict[str, Any]]:
             rows.append({"stage": stage, "status": "missing", "reason": entry.get("reason", "")})
             continue
         cells = {header: _cell(kind, metrics, stage, *keys) for header, kind, keys in table_columns(metrics)}
-        rows.append({"stage": stage, "status": "evaluated", "spiking": entry.get("spiking"), "cells": cells})
+        cost_cells = {header: _cell(kind, metrics, stage, *keys) for header, kind, keys in cost_model_columns(metrics)}
+        rows.append({"stage": stage, "status": "evaluated", "spiking": entry.get("spiking"), "cells": cells,
+                     "cost_cells": cost_cells})
     return rows
 
 
@@ -272,8 +288,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Task accuracy: greedy decoding (recurrent path) of {metrics_info['eval_samples']} held-out prompts. "
         f"Perplexity, firing rates and energy: the same {metrics_info['held_out_tokens']['tokens']} held-out corpus tokens "
-        f"({metrics_info['held_out_tokens']['blocks']} blocks) for every model. Energy: {metrics_info['cost_table']}; "
-        "**memory access not counted**.",
+        f"({metrics_info['held_out_tokens']['blocks']} blocks) for every model. Energy in this table and the "
+        f"op-group breakdown: {metrics_info['cost_table']}; **memory access not counted** (compute only, the papers' "
+        "convention); the memory-inclusive and INT8 figures are in \"Energy by cost model\" below.",
         "",
         "## Stages side by side",
         "",
@@ -293,6 +310,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     missing = [r for r in report["rows"] if r["status"] != "evaluated"]
     if missing:
         lines += ["", "Missing stages (not evaluated, not zero): " + "; ".join(f"{r['stage']}: {r['reason']}" for r in missing) + "."]
+
+    if report["cost_model_columns"]:
+        lines += ["", "## Energy by cost model", "",
+                  "E_teacher / E_stage on the same held-out tokens under each cost model (methods.md §8, §10); the "
+                  "break-even firing rate is the overall firing rate at which the stage would cost what the teacher "
+                  "does under 45nm-memory at batch 1 (its measured spike counts scaled; - when even zero spikes cost more).", ""]
+        body = []
+        for row in report["rows"]:
+            if row["status"] != "evaluated" or not row["spiking"]:
+                continue
+            body.append([row["stage"]] + [format_cell(c["kind"], c["value"]) for c in row["cost_cells"].values()])
+        lines += _md_table(["stage"] + report["cost_model_columns"], body)
+        lines += [""] + [f"* `{name}`: {text}" for name, text in report["eval"]["cost_models"].items()]
 
     lines += ["", "## Beside the papers", "",
               "The right column is the papers' (methods.md §8), at 130 M-1.4 B parameters; ours are this run's.", ""]
@@ -358,7 +388,7 @@ def paper_comparison(metrics: dict) -> list[dict[str, Any]]:
         f"lm-eval ran {', '.join(tasks)}, not the paper's six tasks" if tasks else "no lm-eval tasks in stages.eval.lm_eval"
     )
     rows = [
-        {"figure": "energy benefit E_teacher / E_stage", "paper": f"{PAPER['energy_ratio']['value']}x SpikingMamba-1.3B",
+        {"figure": "energy benefit E_teacher / E_stage (45nm-horowitz, compute only: the papers' convention)", "paper": f"{PAPER['energy_ratio']['value']}x SpikingMamba-1.3B",
          "ours": [c for c in ours("energy_ratio", students, "energy", "ratio_to_teacher") if c["value"] is not None]},
         {"figure": "zero-shot gap to the teacher after distillation (points, 6 tasks)", "paper": PAPER["zero_shot_gap"]["value"],
          "ours": ours("points", ["distill", "sparsify"], "lm_eval_gap_to_teacher") if paper_tasks else []},
@@ -398,8 +428,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, logger:
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "eval": {k: metrics[k] for k in ("date", "machine", "cost_table", "memory_note", "tasks", "eval_samples", "held_out_tokens", "lm_eval")},
+        "eval": {k: metrics.get(k) for k in ("date", "machine", "cost_table", "cost_models", "memory_note", "tasks", "eval_samples",
+                                             "held_out_tokens", "lm_eval")},
         "columns": [header for header, _, _ in table_columns(metrics)],
+        "cost_model_columns": [header for header, _, _ in cost_model_columns(metrics)],
         "rows": stage_rows(metrics),
         "paper": PAPER,
         "paper_comparison": paper_comparison(metrics),

@@ -42,7 +42,7 @@ for the distilled student before refinement (`distilled_*`), on the same tokens.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -53,6 +53,7 @@ from pydantic import Field, field_validator, model_validator
 from transformers import AutoTokenizer
 
 import spiking
+from rewards.energy import SpikeRateRegulariser
 from spiking.modeling import MLP_PLACEMENTS, PLACEMENTS
 from stages import tasks
 from stages.context import HubRepo, StageContext, StrictModel, local_path, push_to_hub_field
@@ -80,6 +81,8 @@ MODULE_ALIASES = {
     "mixer.in_proj": "in_proj",
     "mixer.x_proj": "x_proj",
     "mixer.out_proj": "out_proj",
+    "mixer.dt_proj": "dt_proj",
+    "lm_head": "head",
     "mlp_up": "mlp.up",  # underscore forms: a dotted key cannot be written in a CLI override path
     "mlp_down": "mlp.down",
 }
@@ -141,6 +144,10 @@ class SBDSConfig(StrictModel):
     chunk_tokens: int | None = Field(
         1024, ge=1, description="tokens per chunk of the KL / CE terms (every step's [tokens, vocab] logits): bounds their "
         "memory, recomputed in backward; None = all tokens at once",
+    )
+    energy: float = Field(
+        0.0, ge=0, description="weight of the spike-energy term: w × (pJ per token of the spike-driven ACs / the teacher's "
+        "pJ per token, 45nm-horowitz): fewer, cheaper spikes vs fidelity (not in MAR; methods.md §6)",
     )
 
 
@@ -276,23 +283,26 @@ def forward_with_features(model, batch: dict, features: str | None) -> tuple[tor
 
 
 def student_step_outputs(
-    model, batch: dict, sbds: SBDSConfig, features: str | None, steps: int, count_in: torch.nn.Module | None = None
+    model, batch: dict, sbds: SBDSConfig, features: str | None, steps: int, count_in: torch.nn.Module | None = None,
+    last_step=nullcontext,
 ) -> tuple[list[tuple[torch.Tensor, list[torch.Tensor]]], spiking.SpikeStats | None]:
     """([(final hidden_t, features_t)] for t = 0..steps-1, or the last step only; spike stats or None).
 
     Entry t runs every ATMN with its first t+1 steps; the last is the plain forward. With
-    `count_in` (the unwrapped model) the spikes of that last, plain forward are counted.
+    `count_in` (the unwrapped model) the spikes of that last, plain forward are counted; the last
+    forward also runs inside `last_step()` (the spike-energy term records it).
     """
     ts = range(steps) if sbds.spike_aware else [steps - 1]
     outputs, stats = [], None
     for t in ts:
         last = t == steps - 1
         with first_steps(model, None if last else t + 1):
-            if last and count_in is not None:
-                with spiking.count_spikes(count_in) as stats:
-                    outputs.append(forward_with_features(model, batch, features))
-            else:
+            if not last:
                 outputs.append(forward_with_features(model, batch, features))
+                continue
+            with last_step(), (spiking.count_spikes(count_in) if count_in is not None else nullcontext()) as counted:
+                outputs.append(forward_with_features(model, batch, features))
+            stats = counted if count_in is not None else None
     return outputs, stats
 
 
@@ -375,6 +385,12 @@ class SparsifyTrainer(TeacherStudentTrainer):
         super().__init__(*args, **kwargs)
         self.sbds = sbds
         self.features = self.sbds.features if self.sbds.gamma > 0 else None
+        self.spike_energy = None
+        if sbds.energy > 0:  # w × (spike-driven pJ per token / the teacher's pJ per token), 45nm-horowitz
+            student = self.model
+            self.spike_energy = SpikeRateRegulariser(student, weight=sbds.energy)
+            self.pj_per_spike = spiking.spike_costs(student)
+            self.teacher_pj = spiking.energy_report(self.teacher, None, 1).pj_per_token  # dense: no forward
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
@@ -383,14 +399,22 @@ class SparsifyTrainer(TeacherStudentTrainer):
         student = self.accelerator.unwrap_model(model)
         steps = spike_steps(student)
         # spikes of the plain (last-step) forward, on logging steps only
+        recording = self.spike_energy.recording if self.spike_energy is not None and model.training else nullcontext
         outputs, stats = student_step_outputs(
-            model, batch, self.sbds, self.features, steps, student if self.counting(model) else None
+            model, batch, self.sbds, self.features, steps, student if self.counting(model) else None, recording
         )
         terms = sbds_loss(
             [o[0] for o in outputs], t_final, [o[1] for o in outputs], t_features, self.sbds, inputs.get("labels"),
             heads=(student.get_output_embeddings(), self.teacher.get_output_embeddings()),
         )
-        self.record(model, terms, ("kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"), stats)
+        names = ["kl_forward", "kl_reverse", "feature_mse", "kl_forward_last", "ce"]
+        if recording is not nullcontext:
+            tokens = torch.ones(outputs[-1][0].shape[:2], device=outputs[-1][0].device)
+            fraction = self.spike_energy.energy(tokens, self.pj_per_spike) / self.teacher_pj
+            terms["loss"] = terms["loss"] + self.sbds.energy * fraction
+            terms["spike_energy_fraction"] = fraction.detach()
+            names.append("spike_energy_fraction")
+        self.record(model, terms, names, stats)
         return (terms["loss"], {"hidden_states": outputs[-1][0]}) if return_outputs else terms["loss"]
 
 
@@ -531,6 +555,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         callbacks=stage_callbacks(ctx, SGCSchedule(student, cfg.sgc)),
     )
     done = train_or_load(trainer, resume, ctx)
+    if trainer.spike_energy is not None:
+        trainer.spike_energy.close()  # the hooks go: evaluation and the saved model run without them
     spiking.set_sgc_lambda(student, 0.0)  # the deployed model is pure spikes
     trainer.save_model(str(ctx.out_dir))  # main process only; gathers ZeRO-3 shards
 

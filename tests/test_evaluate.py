@@ -103,7 +103,8 @@ def test_energy_figures_are_spiking_energys_on_the_same_tokens(tokenizer, studen
     teacher, model = student
     torch.manual_seed(1)
     ids = torch.randint(4, len(tokenizer), (3, 10))  # [B, L]
-    measured = evaluate.measure_energy(model, ids)
+    costs = evaluate.cost_models(eval_batch=3)
+    measured, _ = evaluate.measure_energy(model, ids, costs)
     reference = spiking.estimate_energy(model, ids)  # its own forward and spike count
     energy = measured["energy"]
     print("eval:", energy["pj_per_token"], "energy.py:", reference.pj_per_token)
@@ -116,9 +117,21 @@ def test_energy_figures_are_spiking_energys_on_the_same_tokens(tokenizer, studen
     assert measured["firing_rate_by_layer"] == [layer.firing_rate for layer in reference.layers if layer.index is not None]
     assert measured["firing_rate"] == reference.firing_rate
 
-    dense = evaluate.measure_energy(teacher, ids)
+    dense, _ = evaluate.measure_energy(teacher, ids, costs)
     assert dense["firing_rate"] is None and dense["energy"]["spike_driven_ops"] == []
     assert dense["energy"]["pj_per_token"] / energy["pj_per_token"] == spiking.energy_ratio(teacher, model, ids)
+    # the same spike counts under every cost model, each the figure energy.py gives for that model
+    assert list(costs) == ["45nm-horowitz", "45nm-int8", "45nm-memory", "45nm-memory-b3"]
+    for name, cost in costs.items():
+        assert measured["energy_by_cost_model"]["pj_per_token"][name] == pytest.approx(
+            spiking.estimate_energy(model, ids, cost=cost).pj_per_token, rel=1e-12)
+    ratios = evaluate.energy_ratios(measured, dense)
+    assert ratios["45nm-int8"] == pytest.approx(spiking.energy_ratio(teacher, model, ids, cost=costs["45nm-int8"]))
+    assert ratios["int8-teacher"] == pytest.approx(
+        dense["energy_by_cost_model"]["pj_per_token"]["45nm-int8"] / energy["pj_per_token"])
+    # weights shared by a batch of 3 make every model cheaper per token than at batch 1
+    pj = measured["energy_by_cost_model"]["pj_per_token"]
+    assert pj["45nm-memory-b3"] < pj["45nm-memory"]
 
 
 def loglikelihood_accuracy(model, tokenizer, docs: list[dict]) -> float:

@@ -95,8 +95,9 @@ def test_neurons_change_logits_and_spikes_are_bounded_integers():
         {"neurons": default_neurons()},
         {"neurons": {**default_neurons(), "x_proj": {"kind": "atmn", "T": 3}, "mlp.up": {"kind": "si_lif", "D": 3},
                      "mlp.down": {"kind": "si_lif"}}, "mlp_intermediate_size": 24},
+        {"neurons": {**default_neurons(), "dt_proj": {"kind": "si_lif", "D": 2}, "head": {"kind": "atmn", "T": 2}}},
     ],
-    ids=["plain", "neurons", "neurons+mlp"],
+    ids=["plain", "neurons", "neurons+mlp", "neurons+dt_proj+head"],
 )
 def test_recurrent_cache_equals_full_forward(fields):
     s = student(teacher(), **fields)
@@ -117,6 +118,27 @@ def test_recurrent_cache_equals_full_forward(fields):
     out = s(x[:, :3], use_cache=True)
     more = s(x[:, 3:7], cache=out.cache, use_cache=True)
     torch.testing.assert_close(more.logits, full[:, 3:7], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_the_head_neuron_is_the_last_op_inside_the_backbone():
+    # TRL's fused LM head multiplies backbone(...).last_hidden_state by the head weight itself: the
+    # head neuron's spikes must already be in last_hidden_state, and logits = lm_head(last_hidden_state)
+    s = calibrated(student(teacher(), neurons={**default_neurons(), "head": {"kind": "si_lif", "D": 2},
+                                               "dt_proj": {"kind": "si_lif", "D": 2}}))
+    x = ids(2, 7)
+    out = s(x, output_hidden_states=True)
+    hidden = s.backbone(x).last_hidden_state
+    head = s.backbone.neuron("head")
+    normed = s.backbone.norm_f(out.hidden_states[-2])  # the last block's output, through norm_f
+    torch.testing.assert_close(hidden, head(normed), atol=0, rtol=0)
+    torch.testing.assert_close(out.hidden_states[-1], hidden, atol=0, rtol=0)
+    torch.testing.assert_close(out.logits, s.lm_head(hidden).float(), atol=0, rtol=0)
+    V = head.threshold()
+    assert torch.equal(hidden, (hidden / V).round() * V)  # what the head reads is spikes × threshold
+    assert not torch.equal(hidden, normed)
+    names = {name for name, _ in s.named_modules()}
+    assert "backbone.neurons.head_input" in names and "backbone.layers.0.mixer.neurons.dt_proj_input" in names
 
 
 @torch.no_grad()

@@ -61,7 +61,7 @@ def built(run_dir) -> dict:
 def test_every_number_comes_from_a_manifest_a_log_or_the_eval_metrics(run_dir, built):
     checked = 0
     for row in built["rows"]:
-        for header, cell in row.get("cells", {}).items():
+        for header, cell in {**row.get("cells", {}), **row.get("cost_cells", {})}.items():
             assert report_lib.lookup(run_dir, cell["source"]) == cell["value"], (row["stage"], header, cell)
             checked += 1
     for row in built["training"]:
@@ -113,6 +113,17 @@ def test_the_markdown_table_shows_exactly_the_sourced_values_and_missing_stages(
     assert "sparsify: not in this run's recipe" in markdown
     manifest = json.loads((run_dir / "eval" / "manifest.json").read_text())
     assert manifest["metrics"]["rl/status"] == "missing" and "rl/accuracy" not in manifest["metrics"]
+    # every cost model side by side, the memory-inclusive one never left out
+    by_cost = markdown_rows(markdown.split("## Energy by cost model")[1], "stage")
+    assert list(by_cost) == ["distill"]  # the spiking stages evaluated
+    distill = next(row for row in built["rows"] if row["stage"] == "distill")
+    assert by_cost["distill"] == [report_lib.format_cell(c["kind"], c["value"]) for c in distill["cost_cells"].values()]
+    headers = built["cost_model_columns"]
+    assert any("45nm-memory" in h for h in headers) and any("INT8" in h for h in headers) and any("break-even" in h for h in headers)
+    ratios = {h: distill["cost_cells"][h]["value"] for h in headers if h.startswith("ratio")}
+    assert all(value is not None and value > 0 for value in ratios.values()), ratios
+    for name in ("45nm-horowitz", "45nm-int8", "45nm-memory"):
+        assert f"* `{name}`: " in markdown
     # machine, date and what the energy leaves out are stated
     assert "memory access not counted" in markdown and "45nm-horowitz" in markdown and "Measured 20" in markdown
     # the papers' figures are there, marked as the paper's
@@ -136,12 +147,12 @@ def test_report_energy_equals_spiking_energy_on_the_same_tokens(run_dir, built):
     for row in built["rows"]:
         if row["stage"] not in expected:
             continue
-        energy = row["cells"]["energy pJ/token"]["value"]
-        ratio = row["cells"]["energy ratio (teacher / stage)"]["value"]
+        energy = row["cells"]["energy pJ/token (45nm-horowitz)"]["value"]
+        ratio = row["cells"]["energy ratio 45nm-horowitz (teacher / stage)"]["value"]
         print(row["stage"], "report:", energy, "energy.py:", expected[row["stage"]])
         assert energy == pytest.approx(expected[row["stage"]], rel=1e-12)
         assert ratio == pytest.approx(expected["teacher"] / expected[row["stage"]], rel=1e-12)
-        assert table[row["stage"]][headers.index("energy pJ/token")] == f"{expected[row['stage']]:.0f}"
+        assert table[row["stage"]][headers.index("energy pJ/token (45nm-horowitz)")] == f"{expected[row['stage']]:.0f}"
 
 
 def test_lm_eval_scores_the_local_task_for_teacher_and_student(built):

@@ -229,3 +229,32 @@ def test_spike_rate_gradient_is_nonzero_and_lowers_the_rate():
         rates.append(float(rate.detach()))
     print("rates", rates)
     assert rates[-1] < 0.8 * rates[0]
+
+
+def test_spike_energy_term_is_the_fan_out_weighted_spike_count_per_token():
+    tokenizer = char_tokenizer()
+    policy = tiny_policy(tokenizer)
+    batch, completion = completion_batch(tokenizer)
+    pj = spiking.spike_costs(policy)
+    # by hand: each neuron's exact spike count on the completion tokens × what one of its spikes costs
+    inputs, handles = {}, []
+    for name, neuron in spiking.iter_neurons(policy):
+        handles.append(neuron.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0])))
+    with torch.no_grad():
+        policy.eval()(**batch)
+    for h in handles:
+        h.remove()
+    modules = dict(policy.named_modules())
+    expected = 0.0
+    for name, x in inputs.items():
+        counts = modules[name].spike_counts(x).abs()
+        per_token = counts.sum(0) if counts.dim() == x.dim() + 1 else counts  # ATMN: summed over steps
+        expected += float((per_token.sum(-1) * completion).sum()) * pj[name]
+    expected /= float(completion.sum())
+    regulariser = rewards.energy.SpikeRateRegulariser(policy, weight=1.0)
+    policy.train()
+    with regulariser.recording():
+        policy(**batch)
+    energy = regulariser.energy(completion, pj)
+    print("spike-driven pJ per token", float(energy.detach()), "by hand", expected)
+    assert float(energy.detach()) == pytest.approx(expected, rel=1e-6) and expected > 0 and energy.requires_grad

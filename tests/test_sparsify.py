@@ -322,6 +322,22 @@ def test_sparsify_refines_the_distilled_student_with_atmn(tmp_path, distilled, c
     assert AutoTokenizer.from_pretrained(ctx.out_dir) is not None
 
 
+def test_the_spike_energy_term_lowers_the_spike_driven_energy(tmp_path, distilled):
+    results = {}
+    for weight in (0.0, 20.0):
+        ctx = make_ctx(tmp_path / f"w{weight}", "sparsify", distilled)
+        cfg = sparsify.Config(**{**TINY_SPARSIFY, "max_steps": 8, "logging_steps": 4, "lr": 3e-2}, sbds={"energy": weight})
+        results[weight] = sparsify.run(cfg, ctx)
+        log = json.loads((ctx.out_dir / "train_log.json").read_text())
+        logged = [entry for entry in log if "kl_forward" in entry]
+        assert ("spike_energy_fraction" in logged[-1]) == (weight > 0)
+        if weight > 0:
+            assert 0 < logged[-1]["spike_energy_fraction"] < 1  # a fraction of the teacher's pJ per token
+    print({w: (m["firing_rate"], m["energy_ratio"]) for w, m in results.items()})
+    assert results[20.0]["firing_rate"] < results[0.0]["firing_rate"]
+    assert results[20.0]["energy_ratio"] > results[0.0]["energy_ratio"]
+
+
 def test_resume_after_a_crash_gives_the_same_student(tmp_path, distilled):
     straight = make_ctx(tmp_path / "a", "sparsify", distilled)
     sparsify.run(sparsify.Config(**TINY_SPARSIFY), straight)
