@@ -35,6 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from .fused_step import decode_step
 from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan, selective_state_update
 from .neurons import ATMN, DEFAULT_D, NeuronSpec, make_neuron
 
@@ -449,13 +450,20 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
-        for block in self.layers:
-            hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
+        fused = None
+        if cache is not None and seq_len == 1 and not output_hidden_states:
+            # generation's one-token step: all blocks in one C++ call on CPU when it applies (fused_step.py)
+            fused = decode_step(self, hidden_states, cache, attention_mask)
+        if fused is not None:
+            hidden_states = fused
+        else:
+            for block in self.layers:
+                hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
+                if output_hidden_states:
+                    all_hidden_states = all_hidden_states + (hidden_states,)
+            hidden_states = self.norm_f(hidden_states)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
-        hidden_states = self.norm_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states + (hidden_states,)
 
         # a cache passed in is read and updated either way (as in HF Mamba); it is returned if use_cache
         cache = cache if use_cache else None
