@@ -67,7 +67,7 @@ class SpikingMambaConfig(MambaConfig):
     spiking: False bypasses every neuron at run time (the logits then equal the teacher's).
     mlp_intermediate_size: width of an optional gated MLP after the mixer in each block (None = none).
         Not `intermediate_size`: MambaConfig already uses that name for the mixer width expand·H.
-    scan_backend: "auto" | "ref" | "triton" | "mamba_ssm" (see `spiking.kernels.scan`).
+    scan_backend: "auto" | "ref" | "cpu" | "triton" | "mamba_ssm" (see `spiking.kernels.scan`).
     """
 
     model_type = "spiking_mamba"
