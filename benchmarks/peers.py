@@ -49,7 +49,7 @@ import transformers  # noqa: E402
 from transformers import MambaConfig, MambaForCausalLM  # noqa: E402
 from transformers.utils.import_utils import is_mambapy_available  # noqa: E402
 
-from spiking import calibrate, default_neurons, from_teacher  # noqa: E402
+from spiking import default_neurons, from_teacher  # noqa: E402
 from spiking.kernels import resolve_backend  # noqa: E402
 
 SHAPES = {  # name: (hidden, layers, batch, seq_len)
