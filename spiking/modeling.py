@@ -439,8 +439,10 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False  # recomputing a block would update the cache twice
+        if self.gradient_checkpointing and self.training and use_cache and torch.is_grad_enabled():
+            # recomputing a block would update the cache twice; without grad nothing is recomputed, so a
+            # rollout generated in training mode (TRL's GRPO) keeps its cache and the one-token step
+            use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         seq_len = inputs_embeds.shape[1]

@@ -248,6 +248,21 @@ def test_fused_step_steps_aside_when_it_cannot_do_what_the_modules_do(caplog):
         assert fused_step_module.decode_step(model.backbone, hidden, cache) is None
 
 
+def test_generating_in_training_mode_with_checkpointing_keeps_the_cache(monkeypatch):
+    """TRL generates rollouts with the policy in training mode, under no_grad: the cache (and the
+    one-token step) must stay on even with gradient checkpointing enabled."""
+    model = tiny_model(MODELS["si_lif"]).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    steps = []
+    original = modeling_module.decode_step
+    monkeypatch.setattr(modeling_module, "decode_step", lambda *a, **k: steps.append(1) or original(*a, **k))
+    prompt = torch.randint(2, VOCAB, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (2, 9) and len(steps) == 3  # every token after the first came from the cached step
+    model.activation_checkpointing_disable()
+
+
 def test_without_the_extension_auto_runs_the_ref_and_says_why(monkeypatch, caplog):
     monkeypatch.setitem(cpu_kernels._state, "error", "no compiler (test)")
     scan_module._logged_choices.clear()

@@ -569,21 +569,29 @@ at::Tensor state_update_op(at::Tensor& state, const at::Tensor& x, const at::Ten
 enum NeuronKind { kNoNeuron = 0, kSILIF = 1, kATMN = 2 };
 
 // x [rows, cols] (row stride ld) in place: the closed-form neuron of spiking/neurons.py, the same
-// float ops in the same order (u = x / V, round or truncate, clip, s·V), then SGC's mix.
+// float ops in the same order (u = x / V, |u| (+ 0.5), floor, clip, sign, s·V), then SGC's mix.
+// floor is a truncation here (the value is >= 0), after clipping to levels + 1 so that the int
+// conversion cannot overflow; vectorised over 16 channels.
 void neuron_(float* x, int64_t rows, int64_t cols, int64_t ld, int kind, float levels, float lam, const float* V) {
   if (kind == kNoNeuron) return;
   const float keep = static_cast<float>(1.0 - lam);
+  const vf top = splat(levels), past_top = splat(levels + 1.0f), zero = splat(0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * ld;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float xv = row[c], v = V[c];
-      const float u = xv / v;
-      const float a = u < 0 ? -u : u;
-      float count = kind == kSILIF ? __builtin_floorf(a + 0.5f) : __builtin_floorf(a);
-      count = count > levels ? levels : count;
-      const float s = u > 0 ? count : (u < 0 ? -count : 0.0f);
-      const float q = s * v;
-      row[c] = lam == 0 ? q : keep * q + static_cast<float>(lam) * xv;
+    for (int64_t c = 0; c < cols; c += W) {
+      const int k = static_cast<int>(std::min<int64_t>(W, cols - c));
+      const vf xv = load_n(row + c, k);
+      vf v = load_n(V + c, k);
+      for (int i = k; i < W; ++i) v[i] = 1.0f;  // lanes past the row: finite u (they are not stored)
+      const vf u = xv / v;
+      const vf a = u < zero ? -u : u;
+      vf count = kind == kSILIF ? a + 0.5f : a;
+      count = count > past_top ? past_top : count;
+      count = __builtin_convertvector(__builtin_convertvector(count, vi), vf);  // floor of a value >= 0
+      count = count > top ? top : count;
+      const vf s = u > zero ? count : (u < zero ? -count : zero);
+      const vf q = s * v;
+      store_n(row + c, lam == 0 ? q : keep * q + static_cast<float>(lam) * xv, k);
     }
   }
 }
