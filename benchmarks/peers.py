@@ -217,6 +217,8 @@ def main():
                      "mambapy": _version("mambapy"), "spiking_scan_auto_on_cpu": backend},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
     }
+    payload["load_average_start"] = os.getloadavg()  # other jobs on the machine (1, 5, 15 minutes)
+    print(f"load average at the start: {payload['load_average_start'][0]:.2f} on {os.cpu_count()} CPUs")
     if not args.skip_training:
         payload["training"] = training(args)
         for row in payload["training"]:
@@ -233,6 +235,8 @@ def main():
         print(f"  student / teacher on the project's mixer (both fused): x{s['tokens_per_s'] / t['tokens_per_s']:.2f}; "
               f"student / that teacher per-layer: x{s['tokens_per_s'] / gen['models']['teacher_own_ref']['tokens_per_s']:.2f}")
         print(f"  same tokens: {gen['same_tokens']}")
+    payload["load_average_end"] = os.getloadavg()
+    print(f"load average at the end: {payload['load_average_end'][0]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -17,7 +17,8 @@ all hold a state, plain nn.Linear / nn.Conv1d modules without hooks (so not unde
 ZeRO-3 partitioning), neurons SI-LIF or ATMN with tau = 1 that are not counting spikes or updating
 thresholds (ATA), no hidden states requested. The plan (the list of tensors the C++ step reads)
 is built at the first step of a cache, kept on the cache and reused for its later steps; it is
-rebuilt when a threshold or A_log changes in place.
+rebuilt when a threshold or A_log changes in place or the cache's state tensors are replaced (beam
+search reorders them). Per token the Python left is that check, ~1 µs a layer.
 
 Tests: `OMP_NUM_THREADS=1 python -m pytest tests/test_cpu_kernels.py -q`.
 """
@@ -91,6 +92,7 @@ class _Plan:
         self.floats: list[float] = [float(backbone.norm_f.variance_epsilon)]
         self.sources: list[tuple[torch.Tensor, int]] = []  # (parameter, version) the derived tensors came from
         self.neurons: list[nn.Module] = []
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # the cache's (conv, SSM) state per layer
         self.error: str | None = None
         try:
             for index, block in enumerate(backbone.layers):
@@ -134,6 +136,7 @@ class _Plan:
         for state in (conv_state, ssm_state):
             if state.dtype != torch.float32 or not state.is_contiguous() or state.shape[0] != batch:
                 raise _Unsupported("the cache's states are not contiguous fp32 of this batch")
+        self.states.append((conv_state, ssm_state))
 
         in_V, in_i, in_l = self._neuron_slot(mixer, "in_proj")
         x_V, x_i, x_l = self._neuron_slot(mixer, "x_proj")
@@ -171,12 +174,20 @@ class _Plan:
         self.ints += in_i + x_i + out_i + mlp_i
         self.floats += [float(block.norm.variance_epsilon), mlp_eps, in_l, x_l, out_l, *mlp_l]
 
-    def stale(self, backbone: nn.Module) -> bool:
-        """True when this plan no longer describes the model (then it is rebuilt)."""
+    def stale(self, backbone: nn.Module, cache) -> bool:
+        """True when this plan no longer describes the model and its cache (then it is rebuilt).
+
+        The cache's state tensors are compared by identity: beam search (`reorder_cache`) and
+        offloading replace them, and the step must update the tensors the cache holds.
+        """
         return (
             self.backbone_ref() is not backbone
             or any(parameter._version != version for parameter, version in self.sources)
             or any(neuron.is_counting for neuron in self.neurons)
+            or any(
+                cache.get_conv_state(i) is not conv or cache.get_recurrent_state(i) is not ssm
+                for i, (conv, ssm) in enumerate(self.states)
+            )
         )
 
 
@@ -200,7 +211,7 @@ def decode_step(backbone: nn.Module, hidden: torch.Tensor, cache, attention_mask
         return None  # the ref backend was asked for (or the extension did not build: logged there)
     # kept on the cache, so that the plan (which holds the cache's states) lives as long as it
     plan: _Plan | None = getattr(cache, "_spikerl_fused_step", None)
-    if plan is None or plan.stale(backbone):
+    if plan is None or plan.stale(backbone, cache):
         plan = _Plan(backbone, cache, hidden.shape[0])
         cache._spikerl_fused_step = plan
         _log_once("fused C++ backbone step" if plan.error is None else f"per-layer path ({plan.error})")

@@ -209,7 +209,8 @@ def test_fused_step_equals_the_per_layer_path_and_the_full_forward(name, sgc_lam
 
 @needs_extension
 def test_fused_step_with_another_state_size_and_generate(monkeypatch):
-    """N = 5 (the kernel's generic path); greedy and sampled generate give the per-layer path's tokens."""
+    """N = 5 (the kernel's generic path); greedy, sampled and beam-search generate give the per-layer
+    path's tokens."""
     model = tiny_model(MODELS["si_lif"], state_size=5)
     prompt = torch.randint(2, VOCAB, (4, 5), generator=torch.Generator().manual_seed(7))
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, eos_token_id=None, pad_token_id=0)
@@ -220,10 +221,15 @@ def test_fused_step_with_another_state_size_and_generate(monkeypatch):
         return model.generate(prompt, do_sample=False, output_scores=True, return_dict_in_generate=True, **kw), sampled
 
     greedy, sampled = both()
+    beam_kw = dict(do_sample=False, num_beams=3, output_scores=True, return_dict_in_generate=True)
+    beams = model.generate(prompt, **beam_kw, **kw)  # beam search replaces the cache's tensors every step
     with monkeypatch.context() as patch:
         per_layer_path(patch)
         greedy_ref, sampled_ref = both()
+        beams_ref = model.generate(prompt, **beam_kw, **kw)
     assert torch.equal(greedy.sequences, greedy_ref.sequences)
+    assert torch.equal(beams.sequences, beams_ref.sequences)
+    assert_close("beam scores", torch.stack(beams.scores), torch.stack(beams_ref.scores), (2e-5, 2e-5))
     assert_close("greedy step scores", torch.stack(greedy.scores), torch.stack(greedy_ref.scores), (2e-5, 2e-5))
     assert torch.equal(sampled, sampled_ref) and sampled.shape == (4, 13)
 

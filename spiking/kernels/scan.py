@@ -280,6 +280,8 @@ def selective_scan(
             _log_choice(backend, "ref (constant B/C)")
         elif A.shape[-1] > 256:
             _log_choice(backend, "ref (state size above the C++ kernel's 256)")
+        elif B.dim() != C.dim() or (B.dim() == 4 and B.shape[1] != C.shape[1]):
+            _log_choice(backend, "ref (B and C of different forms)")
         else:
             from .cpu_kernels import selective_scan_cpu
 
