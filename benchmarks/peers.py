@@ -1,7 +1,9 @@
 """The student against transformers' Mamba on CPU: a training step and cached greedy generation.
 
 One run, one process, the same weights everywhere, repetitions interleaved across the models (so
-load from other jobs hits them alike) and the median kept. The anchor (1.00x) is transformers'
+load from other jobs hits them alike) and the median kept. On a shared machine a round of
+repetitions during which other processes kept more than 0.15 of a core busy (from /proc/stat, ours
+subtracted) is dropped and run again, after waiting for a quiet second; the JSON records how many. The anchor (1.00x) is transformers'
 fastest CPU path, `MambaConfig(use_mambapy=True)` with the `mambapy` package (a parallel scan),
 not its default sequential loop.
 
@@ -64,6 +66,8 @@ TRAIN_LABELS = {
     "student_off": "student, neurons off (spiking=False)",
     "student_ref": "student, SI-LIF D=4, scan_backend=ref",
 }
+QUIET: "Quiet | None" = None  # set in main from the flags
+
 GEN_LABELS = {
     "hf_generate": "HF generate (use_mambapy=True)",
     "student": "student, SI-LIF D=4 (fused step)",
@@ -100,16 +104,83 @@ def step(model, ids) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, list[float]]:
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot (/proc/stat); (0, 0) where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _others_cores(busy0, total0, own0, busy1, total1, own1) -> float:
+    """Cores the other processes kept busy between two samples (ours subtracted)."""
+    if total1 <= total0:
+        return 0.0
+    cpus = os.cpu_count() or 1
+    window = (total1 - total0) / cpus  # jiffies of wall time per CPU
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0.0, (busy1 - busy0) - (own1 - own0) * hz) / window
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Quiet:
+    """The machine is shared: a round of repetitions during which other processes kept more than
+    `threshold` of a core busy is dropped and run again (a 2-thread run loses far more than that
+    core's share when a thread waits on a busy core at each parallel region's barrier)."""
+
+    def __init__(self, threshold: float, max_wait_s: float):
+        self.threshold, self.deadline = threshold, time.monotonic() + max_wait_s
+        self.dropped = 0
+        self.others_cores: list[float] = []
+
+    def wait(self) -> None:
+        """Until a second passes with the others below the threshold (or the deadline)."""
+        while time.monotonic() < self.deadline:
+            sample = (*_cpu_ticks(), _own_cpu())
+            time.sleep(1.0)
+            if _others_cores(*sample, *_cpu_ticks(), _own_cpu()) <= self.threshold:
+                return
+
+    def round(self, run) -> bool:
+        """Run one round; True when it was quiet enough to keep (always True past the deadline)."""
+        self.wait()
+        sample = (*_cpu_ticks(), _own_cpu())
+        run()
+        others = _others_cores(*sample, *_cpu_ticks(), _own_cpu())
+        if others > self.threshold and time.monotonic() < self.deadline:
+            self.dropped += 1
+            return False
+        self.others_cores.append(others)
+        return True
+
+
+def interleaved(fns: dict, reps: int, warmup: int, quiet: Quiet | None = None) -> dict[str, list[float]]:
     """Seconds per call of each fn, round-robin: rep r of every fn runs before rep r + 1 of any."""
     times = {name: [] for name in fns}
-    for rep in range(warmup + reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            if rep >= warmup:
+    kept = 0
+    while kept < warmup + reps:
+        round_times = {}
+
+        def run():
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                round_times[name] = time.perf_counter() - start
+
+        if quiet is None or kept < warmup:
+            run()
+        elif not quiet.round(run):
+            continue
+        if kept >= warmup:
+            for name, elapsed in round_times.items():
                 times[name].append(elapsed)
+        kept += 1
     return times
 
 
@@ -123,7 +194,8 @@ def training(args) -> list[dict]:
         models = {"hf_mambapy": fast.train()} | {k: m.train() for k, m in students(fast, ids[:2]).items()}
         if batch * seq_len * 2 * hidden <= args.hf_loop_max_elements:
             models = {"hf_loop": loop.train()} | models
-        times = interleaved({name: (lambda m=m: step(m, ids)) for name, m in models.items()}, args.reps, args.warmup)
+        times = interleaved({name: (lambda m=m: step(m, ids)) for name, m in models.items()}, args.reps, args.warmup,
+                            QUIET)
         anchor = statistics.median(times["hf_mambapy"])
         row = {"shape": shape, "hidden": hidden, "layers": layers, "batch": batch, "seq_len": seq_len, "models": {}}
         for name in TRAIN_LABELS:
@@ -158,7 +230,8 @@ def generation(args) -> dict:
 
     for model in models.values():
         model.eval()
-    times = interleaved({name: (lambda n=name, m=m: run(n, m)) for name, m in models.items()}, args.reps, args.warmup)
+    times = interleaved({name: (lambda n=name, m=m: run(n, m)) for name, m in models.items()}, args.reps, args.warmup,
+                        QUIET)
     anchor = batch * new / statistics.median(times["hf_generate"])
     result = {"hidden": hidden, "layers": layers, "batch": batch, "prompt_len": prompt_len, "new_tokens": new,
               "models": {}}
@@ -199,8 +272,13 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--quiet-threshold", type=float, default=0.15,
+                        help="drop and redo a round in which other processes kept more than this many cores busy")
+    parser.add_argument("--max-wait", type=float, default=1800, help="seconds of waiting for quiet rounds, in all")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    global QUIET
+    QUIET = Quiet(args.quiet_threshold, args.max_wait) if args.quiet_threshold >= 0 else None
     if not is_mambapy_available():
         sys.exit("peers.py needs the mambapy package (HF's fastest CPU path): pip install --no-deps mambapy==1.2.0")
     torch.set_num_threads(args.threads)
@@ -236,6 +314,12 @@ def main():
               f"student / that teacher per-layer: x{s['tokens_per_s'] / gen['models']['teacher_own_ref']['tokens_per_s']:.2f}")
         print(f"  same tokens: {gen['same_tokens']}")
     payload["load_average_end"] = os.getloadavg()
+    if QUIET is not None:
+        payload["quiet"] = {"threshold_cores": QUIET.threshold, "rounds_dropped": QUIET.dropped,
+                            "others_cores_in_kept_rounds": QUIET.others_cores,
+                            "deadline_reached": time.monotonic() >= QUIET.deadline}
+        print(f"rounds dropped for other processes' load: {QUIET.dropped}; others' cores in kept rounds: "
+              f"max {max(QUIET.others_cores, default=0):.2f}")
     print(f"load average at the end: {payload['load_average_end'][0]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
