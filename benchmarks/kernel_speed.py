@@ -40,6 +40,8 @@ from spiking.kernels import gate_neuron, gate_neuron_ref, selective_scan, select
 from spiking.kernels.cpu_kernels import load_extension, selective_scan_cpu  # noqa: E402
 from spiking.kernels.scan import MAMBA_SSM_AVAILABLE, TRITON_AVAILABLE  # noqa: E402
 
+from quiet import Quiet  # noqa: E402 - benchmarks/quiet.py, beside this script
+
 # Nominal peak memory bandwidth (GB/s, vendor figures) by device-name fragment; the measured copy
 # bandwidth is reported beside it.
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
@@ -97,13 +99,32 @@ def scan_min_bytes(batch, dim, state, length, elem):
 def cpu_part(args) -> dict:
     torch.set_num_threads(args.threads)
     cpu_error = load_extension()
+    quiet = Quiet(args.quiet_threshold, args.max_wait)  # the machine is shared: drop disturbed rounds
     rows = []
     for length in args.lengths:
         x = scan_inputs(args.cpu_batch, args.cpu_dim, args.state, length, "cpu", torch.float32)
-        seconds = time_it(lambda: scan_fwd_bwd(selective_scan_ref, x), args.reps, 1, cuda=False)
+        fns = {"ref": lambda x=x: scan_fwd_bwd(selective_scan_ref, x)}
+        if cpu_error is None:
+            fns["cpu"] = lambda x=x: scan_fwd_bwd(selective_scan_cpu, x)
+        for fn in fns.values():  # warm-up
+            fn()
+        times = {name: [] for name in fns}
+        while len(times["ref"]) < args.reps:  # ref and cpu interleaved, round by round
+            round_times = {}
+
+            def run():
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    round_times[name] = time.perf_counter() - start
+
+            if quiet.round(run):
+                for name, seconds in round_times.items():
+                    times[name].append(seconds)
+        seconds = statistics.median(times["ref"])
         row = {"length": length, "ref_fwd_bwd_s": seconds, "us_per_token": 1e6 * seconds / length}
         if cpu_error is None:
-            row["cpu_fwd_bwd_s"] = time_it(lambda: scan_fwd_bwd(selective_scan_cpu, x), args.reps, 1, cuda=False)
+            row["cpu_fwd_bwd_s"] = statistics.median(times["cpu"])
             row["cpu_us_per_token"] = 1e6 * row["cpu_fwd_bwd_s"] / length
             row["ref_vs_cpu"] = seconds / row["cpu_fwd_bwd_s"]
         rows.append(row)
@@ -132,7 +153,8 @@ def cpu_part(args) -> dict:
 
         gate_rows.append({"length": length, "unfused_ref_fwd_bwd_s": time_it(unfused, args.reps, 1, cuda=False)})
     return {"shape_B_D_N": [args.cpu_batch, args.cpu_dim, args.state], "scan_ref": rows,
-            "log_log_slope": slope, "gate_neuron_ref": gate_rows, "cpu_kernel_error": cpu_error}
+            "log_log_slope": slope, "gate_neuron_ref": gate_rows, "cpu_kernel_error": cpu_error,
+            "rounds_dropped_for_load": quiet.dropped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +232,9 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
+    parser.add_argument("--quiet-threshold", type=float, default=0.15,
+                        help="CPU part: drop a round in which other processes kept more than this many cores busy")
+    parser.add_argument("--max-wait", type=float, default=900, help="CPU part: seconds of waiting for quiet, in all")
     args = parser.parse_args()
 
     payload = {

@@ -17,8 +17,8 @@ all hold a state, plain nn.Linear / nn.Conv1d modules without hooks (so not unde
 ZeRO-3 partitioning), neurons SI-LIF or ATMN with tau = 1 that are not counting spikes or updating
 thresholds (ATA), no hidden states requested. The plan (the list of tensors the C++ step reads)
 is built at the first step of a cache, kept on the cache and reused for its later steps; it is
-rebuilt when a threshold or A_log changes in place or the cache's state tensors are replaced (beam
-search reorders them). Per token the Python left is that check, ~1 µs a layer.
+rebuilt when a threshold or A_log changes in place, a neuron's levels or SGC λ change, or the
+cache's state tensors are replaced (beam search reorders them). Per token the Python left is that check, ~1 µs a layer.
 
 Tests: `OMP_NUM_THREADS=1 python -m pytest tests/test_cpu_kernels.py -q`.
 """
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # One block's entries in the C++ step's tensor list; the order of `enum Slot` in cpu_kernels.cpp.
 SLOTS = (
-    "norm", "in_V", "in_w", "in_b", "conv_w", "conv_b", "conv_state", "x_V", "x_w", "dt_w", "dt_b", "A", "D",
+    "norm", "in_V", "in_w", "in_b", "conv_w", "conv_b", "conv_state", "x_V", "x_w", "dt_w", "dt_b", "A", "Dskip",
     "ssm_state", "out_V", "out_w", "out_b", "mlp_norm", "up_V", "gate_w", "up_w", "down_V", "down_w",
 )
 NEURON_IDS = {None: 0, "si_lif": 1, "atmn": 2}
@@ -91,7 +91,7 @@ class _Plan:
         self.ints: list[int] = [len(backbone.layers)]
         self.floats: list[float] = [float(backbone.norm_f.variance_epsilon)]
         self.sources: list[tuple[torch.Tensor, int]] = []  # (parameter, version) the derived tensors came from
-        self.neurons: list[nn.Module] = []
+        self.neurons: list[tuple[nn.Module, int, float]] = []  # (neuron, levels, SGC λ) as planned
         self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # the cache's (conv, SSM) state per layer
         self.error: str | None = None
         try:
@@ -112,7 +112,7 @@ class _Plan:
             raise _Unsupported(found)
         kind, levels, lam, V, module = found
         if module is not None:
-            self.neurons.append(module)
+            self.neurons.append((module, levels, lam))
             self._source(module._log_threshold())
         return V, [kind, levels], lam
 
@@ -148,7 +148,7 @@ class _Plan:
             "norm": block.norm.weight, "in_V": in_V, "in_w": mixer.in_proj.weight, "in_b": mixer.in_proj.bias,
             "conv_w": mixer.conv1d.weight.reshape(dim, -1), "conv_b": mixer.conv1d.bias, "conv_state": conv_state,
             "x_V": x_V, "x_w": mixer.x_proj.weight, "dt_w": mixer.dt_proj.weight, "dt_b": mixer.dt_proj.bias,
-            "A": A.contiguous(), "D": mixer.D, "ssm_state": ssm_state, "out_V": out_V, "out_w": mixer.out_proj.weight,
+            "A": A.contiguous(), "Dskip": mixer.D, "ssm_state": ssm_state, "out_V": out_V, "out_w": mixer.out_proj.weight,
             "out_b": mixer.out_proj.bias,
         }
         mlp_i, mlp_l, mlp_eps = [0, 0, 0, 0], [0.0, 0.0], 0.0
@@ -183,7 +183,10 @@ class _Plan:
         return (
             self.backbone_ref() is not backbone
             or any(parameter._version != version for parameter, version in self.sources)
-            or any(neuron.is_counting for neuron in self.neurons)
+            or any(
+                neuron.is_counting or neuron.levels() != levels or neuron.sgc_lambda != lam
+                for neuron, levels, lam in self.neurons
+            )
             or any(
                 cache.get_conv_state(i) is not conv or cache.get_recurrent_state(i) is not ssm
                 for i, (conv, ssm) in enumerate(self.states)

@@ -167,6 +167,17 @@ def tiny_model(fields: dict, state_size: int = 16) -> SpikingMambaForCausalLM:
     return model
 
 
+def test_the_step_plan_and_the_cpp_step_agree_on_the_slots():
+    """fused_step.SLOTS (Python) and `enum Slot` (C++) list one block's tensors in the same order."""
+    import re
+
+    source = cpu_kernels.SOURCE.read_text()
+    names = re.search(r"enum Slot \{([^}]*)\}", source).group(1).replace("\n", " ").split(",")
+    names = [n.strip() for n in names if n.strip()]
+    assert names[-1] == "kSlots" and len(names) - 1 == len(fused_step_module.SLOTS)
+    assert [n[1:].lower() for n in names[:-1]] == [n.replace("_", "").lower() for n in fused_step_module.SLOTS]
+
+
 def per_layer_path(monkeypatch):
     """Switch the fused step off (the model then runs its modules for each token)."""
     monkeypatch.setattr(modeling_module, "decode_step", lambda *args, **kwargs: None)
