@@ -154,7 +154,8 @@ def cpu_part(args) -> dict:
         gate_rows.append({"length": length, "unfused_ref_fwd_bwd_s": time_it(unfused, args.reps, 1, cuda=False)})
     return {"shape_B_D_N": [args.cpu_batch, args.cpu_dim, args.state], "scan_ref": rows,
             "log_log_slope": slope, "gate_neuron_ref": gate_rows, "cpu_kernel_error": cpu_error,
-            "rounds_dropped_for_load": quiet.dropped}
+            "rounds_dropped_for_load": quiet.dropped, "others_cores_in_kept_rounds": quiet.others_cores,
+            "quiet_deadline_reached": time.monotonic() >= quiet.deadline}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,12 +312,17 @@ def selective_scan(
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, backend="auto"):
-    """Dispatch the one-token update: mamba-ssm's or this project's Triton kernel when chosen, else the ref."""
+    """Dispatch the one-token update: mamba-ssm's, the C++ or the Triton kernel when chosen, else the ref."""
     chosen = resolve_backend(backend, x.device)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias))
+    if chosen == "cpu":
+        if not needs_grad and state.is_contiguous() and state.dtype == torch.float32 and A.shape[-1] <= 256:
+            from .cpu_kernels import selective_state_update_cpu
+
+            return selective_state_update_cpu(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        # inference-only like the Triton step; a differentiable (or half-precision) step uses the ref
+        _log_choice(backend, "ref (one-token step with autograd or a non-fp32 state)")
     if chosen == "triton":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias)
-        )
         if not needs_grad and state.is_contiguous():
             from .triton_scan import selective_state_update_triton  # lazy: importing defines kernels
 
