@@ -62,6 +62,20 @@ def _plain(module: nn.Module, kind: type) -> bool:
     )
 
 
+# The neurons the step knows, by owner: {ModuleDict key: config placement}. A neuron the model holds
+# under any other name makes the step stand aside (it must never run a model without its neurons).
+MIXER_NEURONS = {"in_proj": "in_proj", "x_proj": "x_proj", "out_proj": "out_proj"}
+MLP_NEURONS = {"up": "mlp.up", "down": "mlp.down"}
+
+
+def _check_neuron_names(owner: nn.Module, known: dict[str, str], where: str) -> None:
+    neurons = getattr(owner, "neurons", None)
+    held = set(neurons.keys()) if isinstance(neurons, nn.ModuleDict) else set()
+    placements = set(owner.config.neurons) & set(known.values())
+    if held - set(known) or {key for key, placement in known.items() if placement in placements} - held:
+        raise _Unsupported(f"{where}: neurons {sorted(held)} do not match the placements the step knows")
+
+
 def _neuron(owner: nn.Module, key: str) -> tuple[int, int, float, torch.Tensor | None, nn.Module | None] | str:
     """(kind id, levels, SGC λ, V, module) of the neuron `key` of `owner` (kind 0: none), or why not."""
     neurons = getattr(owner, "neurons", None)
@@ -138,6 +152,7 @@ class _Plan:
                 raise _Unsupported("the cache's states are not contiguous fp32 of this batch")
         self.states.append((conv_state, ssm_state))
 
+        _check_neuron_names(mixer, MIXER_NEURONS, f"layer {index}")
         in_V, in_i, in_l = self._neuron_slot(mixer, "in_proj")
         x_V, x_i, x_l = self._neuron_slot(mixer, "x_proj")
         out_V, out_i, out_l = self._neuron_slot(mixer, "out_proj")
@@ -159,6 +174,7 @@ class _Plan:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 if not _plain(getattr(mlp, name), nn.Linear) or getattr(mlp, name).bias is not None:
                     raise _Unsupported(f"layer {index}: mlp.{name} is wrapped, hooked or has a bias")
+            _check_neuron_names(mlp, MLP_NEURONS, f"layer {index} MLP")
             up_V, up_i, up_l = self._neuron_slot(mlp, "up")
             down_V, down_i, down_l = self._neuron_slot(mlp, "down")
             entries |= {"mlp_norm": block.mlp_norm.weight, "up_V": up_V, "gate_w": mlp.gate_proj.weight,

@@ -263,6 +263,15 @@ def test_fused_step_steps_aside_when_it_cannot_do_what_the_modules_do(caplog):
     model.config.scan_backend = "ref"
     with torch.no_grad():
         assert fused_step_module.decode_step(model.backbone, hidden, cache) is None
+    # a neuron under a name the step does not know: it stands aside rather than run without it
+    model.config.scan_backend = "auto"
+    mixer = model.backbone.layers[0].mixer
+    mixer.neurons["renamed"] = mixer.neurons.pop("in_proj")
+    fused_step_module._logged.clear()
+    with caplog.at_level(logging.INFO, logger=fused_step_module.__name__), torch.no_grad():
+        cache = model(ids[:, :5], use_cache=True).cache
+        assert fused_step_module.decode_step(model.backbone, hidden, cache) is None
+    assert any("do not match the placements" in m for m in caplog.messages)
 
 
 def test_generating_in_training_mode_with_checkpointing_keeps_the_cache(monkeypatch):
