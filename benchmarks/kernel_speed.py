@@ -7,11 +7,13 @@ With CUDA (issue 7's measurement), at batch 8, d_inner 2048, d_state 16, lengths
     Goals: Triton within 1.2x of mamba-ssm, above 60% of peak bandwidth.
   * gate + SI-LIF fwd+bwd: the fused Triton kernel vs the unfused PyTorch sequence (goal >= 2x).
 Without CUDA (no Triton kernel can run outside the ~1000x slower interpreter), the CPU part:
-  * the reference scan's fwd+bwd time vs length (it should scale linearly: time per token flat),
+  * the scan's fwd+bwd time vs length, the C++ kernel (backend "cpu") beside the PyTorch reference
+    (both should scale linearly: time per token flat),
   * the unfused PyTorch gate + neuron, for scale.
 
     python benchmarks/kernel_speed.py                          # CPU part here; GPU part too with CUDA
     python benchmarks/kernel_speed.py --cpu-dim 256 --threads 2 --reps 3
+    python benchmarks/kernel_speed.py --skip-cpu --out /tmp/k.json   # the GPU part only (scripts/gpu_check.sh)
 
 Prints tables and writes benchmarks/results/kernels.json. Figures are ratios within one run on one
 machine; never compare absolute seconds across machines.
@@ -35,7 +37,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from spiking.kernels import gate_neuron, gate_neuron_ref, selective_scan, selective_scan_ref  # noqa: E402
+from spiking.cpu_kernels import load_extension, selective_scan_cpu  # noqa: E402
 from spiking.kernels import MAMBA_SSM_AVAILABLE, TRITON_AVAILABLE  # noqa: E402
+
+from quiet import Quiet  # noqa: E402 - benchmarks/quiet.py, beside this script
 
 # Nominal peak memory bandwidth (GB/s, vendor figures) by device-name fragment; the measured copy
 # bandwidth is reported beside it.
@@ -93,11 +98,36 @@ def scan_min_bytes(batch, dim, state, length, elem):
 
 def cpu_part(args) -> dict:
     torch.set_num_threads(args.threads)
+    cpu_error = load_extension()
+    quiet = Quiet(args.quiet_threshold, args.max_wait)  # the machine is shared: drop disturbed rounds
     rows = []
     for length in args.lengths:
         x = scan_inputs(args.cpu_batch, args.cpu_dim, args.state, length, "cpu", torch.float32)
-        seconds = time_it(lambda: scan_fwd_bwd(selective_scan_ref, x), args.reps, 1, cuda=False)
-        rows.append({"length": length, "ref_fwd_bwd_s": seconds, "us_per_token": 1e6 * seconds / length})
+        fns = {"ref": lambda x=x: scan_fwd_bwd(selective_scan_ref, x)}
+        if cpu_error is None:
+            fns["cpu"] = lambda x=x: scan_fwd_bwd(selective_scan_cpu, x)
+        for fn in fns.values():  # warm-up
+            fn()
+        times = {name: [] for name in fns}
+        while len(times["ref"]) < args.reps:  # ref and cpu interleaved, round by round
+            round_times = {}
+
+            def run():
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    round_times[name] = time.perf_counter() - start
+
+            if quiet.round(run):
+                for name, seconds in round_times.items():
+                    times[name].append(seconds)
+        seconds = statistics.median(times["ref"])
+        row = {"length": length, "ref_fwd_bwd_s": seconds, "us_per_token": 1e6 * seconds / length}
+        if cpu_error is None:
+            row["cpu_fwd_bwd_s"] = statistics.median(times["cpu"])
+            row["cpu_us_per_token"] = 1e6 * row["cpu_fwd_bwd_s"] / length
+            row["ref_vs_cpu"] = seconds / row["cpu_fwd_bwd_s"]
+        rows.append(row)
     base = rows[0]
     for row in rows:
         row["time_vs_first"] = row["ref_fwd_bwd_s"] / base["ref_fwd_bwd_s"]
@@ -123,7 +153,9 @@ def cpu_part(args) -> dict:
 
         gate_rows.append({"length": length, "unfused_ref_fwd_bwd_s": time_it(unfused, args.reps, 1, cuda=False)})
     return {"shape_B_D_N": [args.cpu_batch, args.cpu_dim, args.state], "scan_ref": rows,
-            "log_log_slope": slope, "gate_neuron_ref": gate_rows}
+            "log_log_slope": slope, "gate_neuron_ref": gate_rows, "cpu_kernel_error": cpu_error,
+            "rounds_dropped_for_load": quiet.dropped, "others_cores_in_kept_rounds": quiet.others_cores,
+            "quiet_deadline_reached": time.monotonic() >= quiet.deadline}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +187,12 @@ def gpu_part(args) -> dict:  # pragma: no cover - needs CUDA
             row = {"dtype": str(dtype).removeprefix("torch."), "length": length}
             for label, fn in backends.items():
                 try:
-                    row[f"{label}_ms"] = 1e3 * time_it(lambda: scan_fwd_bwd(fn, x), args.reps, 2, cuda=True)
+                    # fn, x bound now: the lambda must not see a later iteration's (or a deleted) x
+                    row[f"{label}_ms"] = 1e3 * time_it(lambda fn=fn, x=x: scan_fwd_bwd(fn, x), args.reps, 2, cuda=True)
                 except torch.cuda.OutOfMemoryError:
                     row[f"{label}_ms"] = None  # the reference keeps [L, B, D, N] buffers
                 torch.cuda.empty_cache()
-            nbytes = scan_min_bytes(args.batch, args.dim, args.state, length, x["u"].element_size())
+            nbytes = scan_min_bytes(args.batch, args.dim, args.state, length, torch.empty(0, dtype=dtype).element_size())
             row["triton_gbps"] = nbytes / (row["triton_ms"] / 1e3) / 1e9
             row["triton_frac_of_peak"] = row["triton_gbps"] / peak if peak else None
             row["triton_frac_of_copy"] = row["triton_gbps"] / copy_gbps
@@ -199,6 +232,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
+    parser.add_argument("--quiet-threshold", type=float, default=0.15,
+                        help="CPU part: drop a round in which other processes kept more than this many cores busy")
+    parser.add_argument("--max-wait", type=float, default=900, help="CPU part: seconds of waiting for quiet, in all")
     args = parser.parse_args()
 
     payload = {
@@ -209,11 +246,14 @@ def main():
     }
     if not args.skip_cpu:
         cpu = payload["cpu"] = cpu_part(args)
-        print(f"CPU reference scan, fwd+bwd, [B, D, N] = {cpu['shape_B_D_N']}, {args.threads} threads, median of {args.reps}")
-        print(f"{'L':>6s} {'time s':>9s} {'us/token':>9s} {'x time':>7s} {'x L':>5s} {'gate+SI-LIF unfused s':>22s}")
+        print(f"CPU scan, fwd+bwd, [B, D, N] = {cpu['shape_B_D_N']}, {args.threads} threads, median of {args.reps}"
+              + (f" (C++ kernel unavailable: {cpu['cpu_kernel_error']})" if cpu["cpu_kernel_error"] else ""))
+        print(f"{'L':>6s} {'ref s':>9s} {'us/token':>9s} {'x time':>7s} {'x L':>5s} {'cpu s':>9s} {'ref/cpu':>8s} "
+              f"{'gate+SI-LIF unfused s':>22s}")
         for row, gate in zip(cpu["scan_ref"], cpu["gate_neuron_ref"]):
+            cpu_s = f"{row['cpu_fwd_bwd_s']:9.4f} {row['ref_vs_cpu']:8.1f}" if "cpu_fwd_bwd_s" in row else f"{'-':>9s} {'-':>8s}"
             print(f"{row['length']:6d} {row['ref_fwd_bwd_s']:9.3f} {row['us_per_token']:9.1f} "
-                  f"{row['time_vs_first']:7.2f} {row['length_vs_first']:5.0f} {gate['unfused_ref_fwd_bwd_s']:22.4f}")
+                  f"{row['time_vs_first']:7.2f} {row['length_vs_first']:5.0f} {cpu_s} {gate['unfused_ref_fwd_bwd_s']:22.4f}")
         print(f"log-log slope of time vs length: {cpu['log_log_slope']:.3f} (1.0 = linear)")
     if torch.cuda.is_available():  # pragma: no cover - needs CUDA
         gpu = payload["gpu"] = gpu_part(args)
@@ -232,11 +272,12 @@ def main():
     else:
         print("\nno CUDA: the Triton-vs-mamba-ssm comparison, bandwidth and fused-kernel speedup need a GPU")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(RESULTS)
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

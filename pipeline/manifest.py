@@ -105,7 +105,9 @@ def code_files(module: ModuleType) -> list[Path]:
             found = _module_file(imported)
             if found is not None and found not in seen:
                 todo.append((found, imported if found.name != "__init__.py" else imported + ".__init__"))
-    return sorted(seen)
+    # a module's native source beside it (spiking/cpu_kernels.py builds cpu_kernels.cpp) runs too
+    native = [path.with_suffix(".cpp") for path in seen if path.with_suffix(".cpp").is_file()]
+    return sorted([*seen, *native])
 
 
 def _relative(path: Path) -> str:

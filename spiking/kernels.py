@@ -2,8 +2,11 @@
 
 scan.py            selective_scan_ref / selective_state_update_ref, the dispatch (resolve_backend)
 neuron_gate.py     gate_neuron_ref: y·SiLU(z) then the out_proj neuron; its dispatch
+cpu_kernels.py     the C++ CPU scan (fwd + bwd) and one-token step, built from cpu_kernels.cpp on
+                   first use                                                      (imported lazily)
 triton_scan.py     Triton selective scan (fwd + bwd, chunked) and one-token step   (imported lazily)
 triton_neurons.py  Triton fused gate + SI-LIF / ATMN (fwd + bwd)                  (imported lazily)
+triton_resources.py  compiles the Triton kernels for sm_80 / sm_90, reports registers and spills
 
 The files sit flat in spiking/, next to modeling.py, not in a subpackage: a saved model folder
 carries the modeling code (transformers' `custom_object_save`), and transformers copies only the

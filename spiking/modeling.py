@@ -40,6 +40,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from .fused_step import decode_step
 from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan, selective_state_update
 from .neurons import ATMN, DEFAULT_D, NEURON_MODULE_NAMES, NeuronSpec, make_neuron
 
@@ -74,7 +75,7 @@ class SpikingMambaConfig(MambaConfig):
     spiking: False bypasses every neuron at run time (the logits then equal the teacher's).
     mlp_intermediate_size: width of an optional gated MLP after the mixer in each block (None = none).
         Not `intermediate_size`: MambaConfig already uses that name for the mixer width expand·H.
-    scan_backend: "auto" | "ref" | "triton" | "mamba_ssm" (see `spiking/scan.py`).
+    scan_backend: "auto" | "ref" | "cpu" | "triton" | "mamba_ssm" (see `spiking/scan.py`).
     """
 
     model_type = "spiking_mamba"
@@ -469,8 +470,10 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False  # recomputing a block would update the cache twice
+        if self.gradient_checkpointing and self.training and use_cache and torch.is_grad_enabled():
+            # recomputing a block would update the cache twice; without grad nothing is recomputed, so a
+            # rollout generated in training mode (TRL's GRPO) keeps its cache and the one-token step
+            use_cache = False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         seq_len = inputs_embeds.shape[1]
@@ -480,11 +483,19 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
-        for block in self.layers:
-            hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
-            if output_hidden_states:
-                all_hidden_states = all_hidden_states + (hidden_states,)
-        hidden_states = self.norm_f(hidden_states)
+        fused = None
+        if cache is not None and seq_len == 1 and not output_hidden_states:
+            # generation's one-token step: all blocks in one C++ call on CPU when it applies (fused_step.py)
+            fused = decode_step(self, hidden_states, cache, attention_mask)
+        if fused is not None:
+            hidden_states = fused
+        else:
+            for block in self.layers:
+                hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
+                if output_hidden_states:
+                    all_hidden_states = all_hidden_states + (hidden_states,)
+            hidden_states = self.norm_f(hidden_states)
+        # the fused step returns norm_f's output too; the head neuron runs as a module on either path
         head_neuron = self.neuron("head")
         if self.config.spiking and head_neuron is not None:
             hidden_states = head_neuron(hidden_states)  # [B, L, H]: what the LM head reads, spikes included

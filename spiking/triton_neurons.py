@@ -111,9 +111,21 @@ def _gate_neuron_bwd_kernel(
         tl.store(dy_ptr + in_offsets, dx, mask=mask)
 
 
-def _blocks(device: torch.device) -> tuple[int, int]:
-    # GPU: 32 x 64 tiles (8 KiB fp32 per tensor); interpreter: small tiles, few programs anyway
-    return (32, 64) if device.type == "cuda" else (8, 16)
+# Tiles on a GPU: (channels, tokens, warps), from the compiled resource usage (ptxas, sm_80 and
+# sm_90; checked by tests/test_triton_compile.py): no spills, <= 128 registers per thread.
+#   forward  32 x 64, 4 warps: 95-96 registers (16 elements a thread) -> 5 programs (20 warps) per SM
+#   backward 32 x 32, 8 warps: 64-80 registers (4 elements a thread) -> 3 programs (24 warps) per SM;
+#            at the forward's tile it took 226-255 registers: it holds y, z, sigmoid(z), x, x/V,
+#            the counts and dout per element. 32 channels keep the transposed [B, L, D] access
+#            128-byte wide.
+GPU_FWD_TILE = (32, 64, 4)
+GPU_BWD_TILE = (32, 32, 8)
+INTERPRETER_TILE = (8, 16, 4)  # few programs, small tiles: the interpreter runs elements in Python
+
+
+def _tiles(device: torch.device) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((BLOCK_D, BLOCK_L, warps) forward, the same backward) for `device`."""
+    return (GPU_FWD_TILE, GPU_BWD_TILE) if device.type == "cuda" else (INTERPRETER_TILE, INTERPRETER_TILE)
 
 
 class GateNeuronTriton(torch.autograd.Function):
@@ -126,12 +138,12 @@ class GateNeuronTriton(torch.autograd.Function):
         z = z.contiguous() if z is not None else None
         V = V.contiguous()
         out = torch.empty(batch, length, dim, device=y.device, dtype=out_dtype)
-        block_d, block_l = _blocks(y.device)
+        (block_d, block_l, warps), _ = _tiles(y.device)
         grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_l))
         _gate_neuron_fwd_kernel[grid](
             y, z if z is not None else y, V, out, dim, length, float(levels), float(sgc_lambda),
             HAS_Z=z is not None, KIND=KIND_IDS[kind], HAS_SGC=sgc_lambda != 0,
-            BLOCK_D=block_d, BLOCK_L=block_l,
+            BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps,
         )
         ctx.save_for_backward(y, z, V)
         ctx.meta = (kind, levels, sgc_lambda)
@@ -147,13 +159,13 @@ class GateNeuronTriton(torch.autograd.Function):
         dz = torch.empty_like(z) if z is not None else None
         needs_dV = ctx.needs_input_grad[2]
         dV = torch.zeros(dim, device=y.device, dtype=torch.float32) if needs_dV else None
-        block_d, block_l = _blocks(y.device)
+        _, (block_d, block_l, warps) = _tiles(y.device)
         grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_l))
         _gate_neuron_bwd_kernel[grid](
             y, z if z is not None else y, V, dout, dy, dz if dz is not None else dy, dV if needs_dV else dy,
             dim, length, float(levels), float(sgc_lambda),
             HAS_Z=z is not None, KIND=KIND_IDS[kind], NEEDS_DV=needs_dV,
-            BLOCK_D=block_d, BLOCK_L=block_l,
+            BLOCK_D=block_d, BLOCK_L=block_l, num_warps=warps,
         )
         return dy, dz, dV.to(V.dtype) if needs_dV else None, None, None, None, None
 

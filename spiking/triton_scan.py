@@ -7,7 +7,8 @@ Same semantics and arguments as `scan.selective_scan_ref` / `scan.selective_stat
     y_t = C_t · h_t + D · u_t,   out_t = y_t · SiLU(z_t)
 
 Layout of the work: one program per (batch row, block of BLOCK_D channels), all N states in
-registers, walking the sequence in chunks of CHUNK tokens. Inside a chunk the recurrence is a
+registers, walking the sequence in chunks of CHUNK tokens (GPU tiles: `GPU_FWD_TILE`,
+`GPU_BWD_TILE`, chosen so that no kernel spills and each stays at <= 128 registers a thread). Inside a chunk the recurrence is a
 `tl.associative_scan` over the chunk axis on [BLOCK_D, N, CHUNK] tiles (pairs (a, b) compose as
 (a1·a2, a2·b1 + b2)); the state carried between chunks enters as `h = b_cum + a_cum · h_carry`.
 The forward stores only the state at the start of every chunk ([B, D, L/CHUNK, N], fp32), so
@@ -188,6 +189,12 @@ def _scan_bwd_kernel(
         )
         a_cum, b_cum = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
         hs = b_cum + a_cum * h_start[:, :, None]  # [BD, BN, CH]
+        # Register pressure: every [BD, BN, CH] tile alive at once costs BD·BN·CH / threads registers
+        # per thread. So each use of hs comes right here (the output for dz, dC), then hs is folded
+        # into a_t ⊙ h_{t-1} = h_t - b_t and dropped, and of dA only the first column is kept,
+        # before the reverse scan brings its own three tiles.
+        dA_first = tl.sum(tl.where(first_col, dA, 0.0), axis=2)  # [BD, BN]: a at the chunk's first token
+        ah = hs - dBu  # a_t ⊙ h_{t-1}
 
         dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = dout
@@ -216,7 +223,7 @@ def _scan_bwd_kernel(
         alpha_cum, g_cum = tl.associative_scan((alpha, beta), axis=2, combine_fn=_combine, reverse=True)
         g = g_cum + alpha_cum * g_carry[:, :, None]  # [BD, BN, CH]
 
-        g_ah = g * (hs - dBu)  # g_t ⊙ a_t ⊙ h_{t-1}
+        g_ah = g * ah  # g_t ⊙ a_t ⊙ h_{t-1}
         gB = tl.sum(g * Bt[None, :, :], axis=1)  # [BD, CH]
         ddt = tl.sum(g_ah * A[:, :, None], axis=1) + gB * u
         dA_acc += tl.sum(g_ah * dt[:, None, :], axis=2)
@@ -226,8 +233,9 @@ def _scan_bwd_kernel(
             ddt = ddt * tl.sigmoid(dt_raw)
         tl.store(ddelta_ptr + offsets, ddt, mask=mask)
         tl.store(du_ptr + offsets, du, mask=mask)
-        g_carry = tl.sum(tl.where(first_col, g, 0.0), axis=2)
-        dh_in = tl.sum(tl.where(first_col, g * dA, 0.0), axis=2)
+        g_first = tl.sum(tl.where(first_col, g, 0.0), axis=2)
+        g_carry = g_first
+        dh_in = g_first * dA_first
 
     tl.atomic_add(dA_ptr + d[:, None] * STATE + n[None, :], dA_acc, mask=dn_mask)
     if HAS_D:
@@ -247,11 +255,28 @@ def _block_d(dim: int, groups: int, target: int) -> int:
     return block
 
 
-def _default_config(device: torch.device) -> tuple[int, int]:
-    """(BLOCK_D, CHUNK): register-sized tiles on a GPU, the smallest sensible ones in the interpreter."""
+# Tiles on a GPU: (channels per program, tokens per chunk, warps), forward and backward apart.
+# Chosen from the compiled resource usage (ptxas, sm_80 and sm_90; tests/test_triton_compile.py
+# re-checks them and `python -m spiking.triton_resources` prints the table): no spills and
+# <= 128 registers per thread. Registers grow with the [BLOCK_D, N, CHUNK] tile elements each
+# thread holds, ~BLOCK_D·N·CHUNK / (32·warps): at 4 that is ~60-80 (forward) / ~100 (backward),
+# at 8 ~80-90 / 130-180, at 16 (the old 4 x 64 x 4 warps) 221 / 255 with a 224-byte spill.
+#   forward  4 x 32, 8 warps: 77-78 registers -> 3 programs (24 warps) per SM of 64 K registers.
+#   backward 4 x 32, 16 warps: 104-106 registers -> 1 program (16 warps) per SM; 4 channels a
+#            program (not 2 at 8 warps, also <= 128) halve the atomic adds of dB and dC, which
+#            every program of a batch row makes to the same [N, L] rows.
+# Both walk the same chunks (the backward restarts from the forward's chunk-boundary states).
+GPU_FWD_TILE = (4, 32, 8)
+GPU_BWD_TILE = (4, 32, 16)
+GPU_STEP_BLOCK_D = 64  # the one-token kernel: channels per program (4 warps)
+INTERPRETER_TILE = (4, 16, 4)  # the smallest sensible one: the interpreter runs each element in Python
+
+
+def _default_tiles(device: torch.device) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((BLOCK_D, CHUNK, warps) forward, the same backward) for `device`."""
     if device.type == "cuda":
-        return 4, 64
-    return 4, 16
+        return GPU_FWD_TILE, GPU_BWD_TILE
+    return INTERPRETER_TILE, INTERPRETER_TILE
 
 
 def _as_groups(M: torch.Tensor, name: str) -> torch.Tensor:
@@ -270,7 +295,8 @@ class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper of the two kernels; saves inputs plus the chunk-boundary states only."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, chunk):
+        (block_d, warps), bwd_tile = tiles
         batch, dim, length = u.shape
         state = A.shape[1]
         B4, C4 = _as_groups(B, "B"), _as_groups(C, "C")
@@ -294,17 +320,17 @@ class SelectiveScanTriton(torch.autograd.Function):
             dim, length, n_chunks, dim // groups, groups,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
             DELTA_SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None,
-            STATE=state, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(state), CHUNK=chunk,
+            STATE=state, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(state), CHUNK=chunk, num_warps=warps,
         )
         ctx.save_for_backward(u, delta, A, B4, C4, D, z, delta_bias, chunk_states, h0)
-        ctx.meta = (delta_softplus, block_d, chunk, n_chunks, B.dim(), B.dtype, C.dtype,
+        ctx.meta = (delta_softplus, bwd_tile, chunk, n_chunks, B.dim(), B.dtype, C.dtype,
                     initial_state.dtype if initial_state is not None else None)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B4, C4, D, z, delta_bias, chunk_states, h0 = ctx.saved_tensors
-        delta_softplus, block_d, chunk, n_chunks, bc_dim, B_dtype, C_dtype, h0_dtype = ctx.meta
+        delta_softplus, (block_d, warps), chunk, n_chunks, bc_dim, B_dtype, C_dtype, h0_dtype = ctx.meta
         batch, dim, length = u.shape
         state = A.shape[1]
         groups = B4.shape[1]
@@ -329,7 +355,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             dim, length, n_chunks, dim // groups, groups,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
             DELTA_SOFTPLUS=bool(delta_softplus), HAS_DLAST=dlast is not None, HAS_H0=h0 is not None,
-            STATE=state, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(state), CHUNK=chunk,
+            STATE=state, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(state), CHUNK=chunk, num_warps=warps,
         )
         if bc_dim == 3:
             dB, dC = dB.squeeze(1), dC.squeeze(1)
@@ -350,18 +376,20 @@ def selective_scan_triton(
     u, delta, z: [B, D, L]; A: [D, N] real; B, C: [B, N, L] or [B, G, N, L]; D, delta_bias: [D];
     initial_state: [B, D, N]. Returns out [B, D, L] (u's dtype) and, with `return_last_state`,
     the last state [B, D, N] (fp32). block_d / chunk: channels per program and tokens per chunk
-    (powers of two; defaults per device).
+    (powers of two; defaults per device, `_default_tiles`; a block_d given applies to both passes).
     """
     if A.is_complex():
         raise ValueError("selective_scan_triton: complex A is not supported (Mamba uses a real A)")
-    default_block, default_chunk = _default_config(u.device)
+    (fwd_block, default_chunk, fwd_warps), (bwd_block, _, bwd_warps) = _default_tiles(u.device)
     groups = B.shape[1] if B.dim() == 4 else 1
-    block_d = _block_d(u.shape[1], groups, block_d or default_block)
     chunk = chunk or default_chunk
-    if chunk & (chunk - 1) or block_d & (block_d - 1):
+    fwd_block = _block_d(u.shape[1], groups, block_d or fwd_block)
+    bwd_block = _block_d(u.shape[1], groups, block_d or bwd_block)
+    if chunk & (chunk - 1) or fwd_block & (fwd_block - 1) or bwd_block & (bwd_block - 1):
         raise ValueError(f"selective_scan_triton: block_d and chunk must be powers of two, got {block_d}, {chunk}")
+    tiles = ((fwd_block, fwd_warps), (bwd_block, bwd_warps))
     out, last = SelectiveScanTriton.apply(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, block_d, chunk
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles, chunk
     )
     return (out, last) if return_last_state else out
 
@@ -421,7 +449,8 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
     z = z.contiguous() if z is not None else None
     out = torch.empty_like(x)
-    block_d = min(64 if x.is_cuda else 8, triton.next_power_of_2(dim))
+    # GPU: 64 channels x N per program, 4 warps: 54 registers (sm_90), no spill (triton_resources)
+    block_d = min(GPU_STEP_BLOCK_D if x.is_cuda else 8, triton.next_power_of_2(dim))
     dummy = x
     _state_update_kernel[(batch, triton.cdiv(dim, block_d))](
         state, x, dt, A.contiguous(), B, C, D if D is not None else dummy, z if z is not None else dummy,

@@ -161,8 +161,10 @@ class ModelConfig(StrictModel):
     tokenizer: str | None = Field(
         None, description="hub id or folder of the tokenizer (None: the teacher's, or the data stage's built one)"
     )
-    scan_backend: Literal["auto", "ref", "triton", "mamba_ssm"] = Field(
-        "auto", description="selective-scan kernel; auto = mamba_ssm on CUDA if installed, else reference"
+    scan_backend: Literal["auto", "ref", "cpu", "triton", "mamba_ssm"] = Field(
+        "auto",
+        description="selective-scan kernel; auto = mamba_ssm on CUDA if installed, else triton on CUDA; on CPU the "
+        "C++ scan ('cpu'), or the PyTorch reference ('ref') where it cannot be built",
     )
     trust_remote_code: bool = Field(False, description="allow code from the hub when loading models")
 

@@ -21,7 +21,7 @@ One PPO step (methods.md §9, the classic RLHF recipe):
        L = L_pg + vf_coef · L_vf + w_spike · rate
    Means are over completion tokens of the mini-batch. `rate` (only with `spike_rate_weight` w_spike
    > 0, the rl stage's `{spike_energy: w}`): the policy's spikes per neuron channel per step on
-   those tokens, differentiable (rewards/energy.py `SpikeRateRegulariser`).
+   those tokens, differentiable (spiking/regulariser.py `SpikeRateRegulariser`).
 
 Value function: a linear head on the policy's final hidden states (`value_model: head`, shares
 the trunk, so the value loss also shapes it: keep vf_coef small) or a separate copy of the
@@ -54,7 +54,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_pt_utils import safe_globals
 
 import rewards as rewards_lib
-from rewards.energy import SpikeRateRegulariser
+from spiking.regulariser import SpikeRateRegulariser
 from stages.context import StrictModel, checkpoint_folders
 from stages.tasks import eval_mode, left_padded
 

@@ -26,7 +26,7 @@ disabled (TRL's behaviour).
 
 Energy (`{spike_energy: w}` in `rewards`): with `energy_penalty: loss` (default) the weight goes to
 a differentiable spike-rate term added to the policy loss, `w × spikes per neuron channel per step`
-on the completion tokens of the loss's own forward (rewards/energy.py `SpikeRateRegulariser`;
+on the completion tokens of the loss's own forward (spiking/regulariser.py `SpikeRateRegulariser`;
 GRPO / RLOO through a thin subclass overriding the public `compute_loss`, PPO in its own loop).
 The sequence-level `spike_energy` reward is still computed and logged, with weight 0 in the
 advantages. `reward`: the sequence-level reward only (weight w; measured: does not move the
@@ -54,7 +54,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rewards as rewards_lib
 import spiking
-from rewards.energy import SpikeRateRegulariser
+from spiking.regulariser import SpikeRateRegulariser
 from stages import tasks
 from stages.context import HubRepo, StageContext, StrictModel, push_to_hub_field
 from stages.ppo import PPOConfig, PPOTrainer

@@ -53,8 +53,8 @@ from pydantic import Field, field_validator, model_validator
 from transformers import AutoTokenizer
 
 import spiking
-from rewards.energy import SpikeRateRegulariser
 from spiking.modeling import MLP_PLACEMENTS, PLACEMENTS
+from spiking.regulariser import SpikeRateRegulariser
 from stages import tasks
 from stages.context import HubRepo, StageContext, StrictModel, local_path, push_to_hub_field
 from stages.training import (

@@ -125,6 +125,8 @@ def test_code_files_follow_the_project_imports_transitively(tmp_path):
             (("data", "data"), ("distill", "distill"), ("rl", "rl"), ("eval", "evaluate"))}
     assert "spiking/neurons.py" not in real["data"] and "stages/context.py" in real["data"]
     assert {"spiking/neurons.py", "spiking/modeling.py", "stages/training.py", "stages/tasks.py"} <= real["distill"]
+    # the C++ kernels the scan dispatch builds are hashed with the module that builds them
+    assert {"spiking/cpu_kernels.py", "spiking/cpu_kernels.cpp"} <= real["distill"]
     assert not any(f.startswith("rewards/") for f in real["distill"])
     assert {"rewards/tasks.py", "stages/ppo.py", "stages/training.py"} <= real["rl"]
     assert "stages/report.py" in real["eval"]

@@ -125,17 +125,32 @@ def test_bf16_input_returns_bf16_computed_in_fp32():
     torch.testing.assert_close(out16.float(), out32, atol=2e-2, rtol=2e-2)
 
 
-def test_dispatch_auto_and_ref_on_cpu_log_once(caplog):
+def test_dispatch_ref_on_cpu_logs_once(caplog):
     x = make_inputs("variable")
     scan_module._logged_choices.clear()
     with caplog.at_level(logging.INFO, logger=scan_module.__name__), torch.no_grad():
-        a = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="auto")
-        b = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="auto")
+        a = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="ref")
+        b = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], backend="ref")
         ref = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"])
     torch.testing.assert_close(a, ref, atol=0, rtol=0)
     torch.testing.assert_close(b, ref, atol=0, rtol=0)
     messages = [r.getMessage() for r in caplog.records if "selective scan backend" in r.getMessage()]
-    assert messages == ["selective scan backend: ref (requested 'auto')"]
+    assert messages == ["selective scan backend: ref (requested 'ref')"]
+
+
+def test_dispatch_auto_on_cpu_is_the_cpu_kernel_or_a_logged_ref(caplog):
+    """auto on CPU: the C++ scan when it builds; when it cannot, the ref, and the reason is logged."""
+    from spiking import cpu_kernels
+
+    scan_module._logged_choices.clear()
+    with caplog.at_level(logging.INFO, logger=scan_module.__name__):
+        chosen = scan_module.resolve_backend("auto", torch.device("cpu"))
+    error = cpu_kernels.load_extension()
+    assert chosen == ("cpu" if error is None else "ref")
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"selective scan backend: {chosen} (requested 'auto')" in messages
+    if error is not None:
+        assert any(error in m for m in messages)
 
 
 def test_dispatch_errors():
@@ -145,6 +160,8 @@ def test_dispatch_errors():
         selective_scan(*args, backend="mamba_ssm")  # CPU tensors (and no mamba-ssm here)
     with pytest.raises(ValueError, match="scan_backend"):
         selective_scan(*args, backend="cuda")
+    with pytest.raises(RuntimeError, match="needs CPU tensors"):
+        scan_module.resolve_backend("cpu", torch.device("cuda"))
     with pytest.raises(ValueError, match="complex"):
         selective_scan_ref(x["u"], x["delta"], torch.complex(x["A"], x["A"]), x["B"], x["C"])
 
@@ -153,4 +170,5 @@ def test_half_installed_mamba_ssm_is_absent_here():
     """This machine has no CUDA build of mamba-ssm: the guard must report it absent, never pick it."""
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
-    assert scan_module.resolve_backend("auto", torch.device("cpu")) == "ref"
+    assert not scan_module.MAMBA_SSM_AVAILABLE
+    assert scan_module.resolve_backend("auto", torch.device("cpu")) in ("cpu", "ref")
