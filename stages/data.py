@@ -355,7 +355,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if ctx.is_main_process:
         tokenizer.save_pretrained(out / "tokenizer")
         corpus.save_to_disk(str(out / "corpus"))
-        Dataset.from_dict({"text": corpus_test["text"]}).save_to_disk(str(out / "heldout"))  # the held-out documents, raw
+        Dataset.from_dict({"text": list(corpus_test["text"])}).save_to_disk(str(out / "heldout"))  # the held-out documents, raw
 
     metrics: dict[str, Any] = {
         "vocab_size": len(tokenizer),
@@ -365,7 +365,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "corpus_train_tokens": len(corpus["train"]) * cfg.seq_len,
     }
     if task_examples:
-        task_tokens = sum(len(ids) + 1 for ids in tokenizer(worked["text"])["input_ids"])
+        task_tokens = sum(len(ids) + 1 for ids in tokenizer(list(worked["text"]))["input_ids"])
         metrics.update(task_examples_in_corpus=task_examples, task_token_share=task_tokens / max(1, metrics["corpus_train_tokens"]))
     if cfg.lastword_passages:
         passages = lastword_passages(corpus_test["text"], cfg.lastword_passages, ctx.seed)
