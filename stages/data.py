@@ -271,6 +271,10 @@ class Config(StrictModel):
         None, ge=260, description="train a byte-level BPE tokenizer of this many tokens on the training corpus (when the "
         "recipe names no tokenizer and no pretrained teacher): small keeps the LM head cheap; None: character level",
     )
+    task_repeats: int = Field(
+        1, ge=1, description="how many times each worked task example appears in the corpus (more = more of the "
+        "teacher's training on the task, without more distinct problems)",
+    )
     lastword_passages: int = Field(
         0, ge=0, description="held-out passages for the local lm-eval last-word tasks (multiple choice and generate-until, "
         "written to lm_eval_tasks/); 0: none",
@@ -339,7 +343,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         if cfg.task_in_corpus:  # worked examples the teacher learns the answer format from; never test or RL rows
             task_examples = min(len(leftover), _count(cfg.task_in_corpus, len(leftover)))
             worked = leftover.shuffle(seed=ctx.seed + 2).select(range(task_examples)).select_columns(["text"])
-            corpus_train = concatenate_datasets([corpus_train.select_columns(["text"]), worked]).shuffle(seed=ctx.seed + 3)
+            corpus_train = concatenate_datasets([corpus_train.select_columns(["text"])] + [worked] * cfg.task_repeats)
+            corpus_train = corpus_train.shuffle(seed=ctx.seed + 3)
 
     # --- tokenizer and packed corpus
     tokenizer = resolve_tokenizer(cfg, ctx.model, [examples, task], padding_side=cfg.padding_side, training_texts=corpus_train)
@@ -365,7 +370,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "corpus_train_tokens": len(corpus["train"]) * cfg.seq_len,
     }
     if task_examples:
-        task_tokens = sum(len(ids) + 1 for ids in tokenizer(list(worked["text"]))["input_ids"])
+        task_tokens = cfg.task_repeats * sum(len(ids) + 1 for ids in tokenizer(list(worked["text"]))["input_ids"])
         metrics.update(task_examples_in_corpus=task_examples, task_token_share=task_tokens / max(1, metrics["corpus_train_tokens"]))
     if cfg.lastword_passages:
         passages = lastword_passages(corpus_test["text"], cfg.lastword_passages, ctx.seed)
@@ -687,14 +692,19 @@ def build_char_tokenizer(alphabet: str, padding_side: str = "left") -> PreTraine
 
 
 def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, padding_side: str = "left") -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2's scheme: any string round-trips) trained on `texts` with the
+    """A byte-level BPE tokenizer (GPT-2's scheme: any string round-trips; digits split one by one) trained on `texts` with the
     `tokenizers` library, `vocab_size` tokens including <pad>, <bos>, <eos>, <unk>; encoding prepends
     <bos> like the character-level tokenizer. Deterministic for the same texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials = list(SPECIAL_TOKENS.values())
     backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # digits one by one (as Llama's and Qwen's tokenizers do): a number's tokens do not depend on its
+    # neighbours, so "Answer: 140" and a prompt ending in "Answer: " split the same way, and the
+    # model sees the digits it has to compute with
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -279,18 +279,28 @@ def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: C
         }
     per_doc = {}
     for task, samples in (out.get("samples") or {}).items():
-        metric = LM_EVAL_METRIC.get(task, "acc" if samples and "acc" in samples[0] else next(iter(results.get(task) or {}), None))
+        metric = headline_metric(task, results.get(task) or {})
         per_doc[task] = [float(sample[metric]) for sample in samples if metric in sample]
     return results, per_doc
 
 
+def headline_metric(task: str, available) -> str | None:
+    """The metric a task is reported by: the Mamba paper's (acc_norm for HellaSwag / ARC-c), else acc,
+    else the task's only (or first) metric, e.g. exact_match of a generate-until task."""
+    available = list(available)
+    for metric in (LM_EVAL_METRIC.get(task), "acc"):
+        if metric in available:
+            return metric
+    return available[0] if available else None
+
+
 def lm_eval_headline(results: dict[str, dict[str, float]], task_names: list[str]) -> dict[str, float | None]:
-    """Task -> the metric the Mamba paper reports for it (acc_norm for HellaSwag / ARC-c, else acc)."""
+    """Task -> its headline metric's value (`headline_metric`)."""
     headline = {}
     for task in task_names:
         metrics = results.get(task, {})
-        metric = LM_EVAL_METRIC.get(task, "acc")
-        headline[task] = metrics.get(metric, metrics.get("acc"))
+        metric = headline_metric(task, metrics)
+        headline[task] = metrics.get(metric) if metric is not None else None
     return headline
 
 

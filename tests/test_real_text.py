@@ -61,6 +61,13 @@ def test_paired_difference_uses_only_rows_both_scored():
     assert mean == 0.75 and 0.0 <= interval[0] <= mean <= interval[1] <= 1.0
 
 
+def test_headline_metric_of_a_generate_until_task():
+    assert evaluate.headline_metric("heldout_lastword_gen", {"exact_match": 0.1}) == "exact_match"
+    assert evaluate.headline_metric("hellaswag", {"acc": 0.3, "acc_norm": 0.4}) == "acc_norm"
+    assert evaluate.headline_metric("piqa", {"acc_norm": 0.4, "acc": 0.3}) == "acc"
+    assert evaluate.lm_eval_headline({"g": {"exact_match": 0.25}}, ["g", "missing"]) == {"g": 0.25, "missing": None}
+
+
 def test_unigram_perplexity_by_hand():
     # vocabulary 4; training counts of ids 0..3 = 3, 1, 0, 0 (+1 smoothing: 4, 2, 1, 1 of 8)
     train = Dataset.from_dict({"input_ids": [[0, 0, 1, 0]]})
@@ -113,6 +120,15 @@ def test_data_stage_with_real_text_and_reasoning_gym_problems(tmp_path):
             assert any(row["context"] in " ".join(d.split()) for d in heldout)
             if name.endswith("_mc"):
                 assert row["choices"][row["label"]] == row["target"] and len(set(row["choices"])) == len(row["choices"])
+
+
+def test_task_repeats_multiply_the_worked_examples(tmp_path):
+    _, once = run_data(tmp_path / "once", lastword_passages=0)
+    _, twice = run_data(tmp_path / "twice", lastword_passages=0, task_repeats=2)
+    assert twice["task_examples_in_corpus"] == once["task_examples_in_corpus"] == 200
+    assert twice["corpus_examples"] == once["corpus_examples"] + 200
+    task_tokens = once["task_token_share"] * once["corpus_train_tokens"]
+    assert twice["task_token_share"] * twice["corpus_train_tokens"] == pytest.approx(2 * task_tokens, rel=1e-9)
 
 
 def test_lastword_passages_by_hand():
@@ -171,6 +187,7 @@ def test_small_recipe_code_path_on_a_slice_of_real_text(tmp_path):
         lo, hi = entry["accuracy_ci95"]["reasoning_gym"]
         assert 0 <= lo <= entry["accuracy"]["reasoning_gym"] <= hi <= 1
         assert set(entry["lm_eval_ci95"]) == set(tasks.LASTWORD_TASKS)
+        assert all(entry["lm_eval_headline"][task] is not None for task in tasks.LASTWORD_TASKS)  # exact_match too
     assert set(metrics["paired"]) >= {"distill_vs_teacher", "sparsify_vs_teacher", "rl_vs_teacher", "rl_vs_sparsify"}
     report = (run / "eval" / "report" / "report.md").read_text()
     assert "## Paired differences" in report and "95% CI (reasoning_gym)" in report and "unigram" in report
