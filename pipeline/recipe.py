@@ -24,6 +24,7 @@ Every error names the file and the dotted path, all problems in one message:
 from __future__ import annotations
 
 import importlib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,20 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 (PyYAML) reads `1e-4` as a string (its floats need a dot: 1.0e-4); YAML 1.2, Python and
+# every user mean a number. A string learning rate would reach TRL / the Trainer and fail there.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def _load_yaml_text(text: str) -> Any:
+    """`yaml.safe_load` with the duplicate-key check and exponent floats (raises yaml.YAMLError)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -217,13 +232,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, offset {err.start}); "
             "save the recipe as UTF-8"
         ) from None
-    loader = _UniqueKeyLoader(text)  # what yaml.safe_load does, with the duplicate-key check
     try:
-        raw = loader.get_single_data()
+        raw = _load_yaml_text(text)  # what yaml.safe_load does, with the duplicate-key check
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML{_yaml_problem(err)}") from None
-    finally:
-        loader.dispose()
     if raw is None:
         raise RecipeError(f"{path}: the recipe is empty (it needs at least a `stages:` section)")
     if not isinstance(raw, dict):
@@ -241,7 +253,7 @@ def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
     if not sep or not all(keys):
         raise RecipeError(f"override '{item}': expected dotted.path=value, e.g. stages.teacher.max_steps=50")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml_text(text) if text.strip() else None
     except yaml.YAMLError as err:
         raise RecipeError(f"override '{item}': the value is not valid YAML: {err}") from None
     if keys[0] == "stages" and len(keys) > 2 and keys[1] not in (raw.get("stages") or {}):

@@ -3,7 +3,7 @@
 Every reward has TRL's signature, `f(completions, **columns) -> list[float | None]`, and is pure,
 except `spike_energy`, which needs the policy and is built by `build_rewards` with it.
 
-    REWARDS      name → function: arith_exact, math_answer, format, length_penalty
+    REWARDS      name → function: arith_exact, math_answer, reasoning_gym, format, length_penalty
     FACTORIES    name → maker taking the recipe's arguments (`{format: {pattern: "..."}}`)
     build_rewards(spec, policy=, tokenizer=) -> (functions, weights): what GRPO / RLOO / PPO take
     score(functions, weights, prompts, completions, ...) -> (per reward [N, F], weighted sum [N])
@@ -42,6 +42,7 @@ from .tasks import (
     length_penalty,
     length_penalty_reward,
     math_answer,
+    reasoning_gym,
 )
 
 RewardFunc = Callable[..., list]
@@ -51,6 +52,7 @@ REWARDS: dict[str, RewardFunc] = {
     "math_answer": math_answer,
     "format": format,
     "length_penalty": length_penalty,
+    "reasoning_gym": reasoning_gym,
 }
 
 # rewards that take arguments from the recipe; spike_energy is built with the policy (build_rewards)
@@ -243,6 +245,7 @@ __all__ = [
     "load_dotted",
     "math_answer",
     "parse_spec",
+    "reasoning_gym",
     "score",
     "spikes_per_completion_token",
 ]

@@ -140,3 +140,29 @@ def length_penalty_reward(max_chars: int = 32) -> Callable[..., list[float | Non
         return [-min(len(str(text)), max_chars) / max_chars for text in completions]
 
     return length_penalty
+
+
+def reasoning_gym(completions: Sequence[str], rg_entry: Sequence[str | None], **kwargs) -> list[float | None]:
+    """The reasoning-gym task's own scorer, 0..1: `score_answer(completion, entry)` of the dataset
+    that made the problem (its name is in the entry's metadata). `rg_entry` is the problem's JSON,
+    the column the data stage's `reasoning_gym` source writes; the completion is stripped and cut at
+    its first line (the answer format the prompts ask for). A row without an entry gets None.
+
+    >>> import json
+    >>> entry = json.dumps({"question": "4 - 1 =", "answer": "3", "metadata": {"source_dataset": "chain_sum"}})
+    >>> reasoning_gym(["3", " 3\\nmore", "4"], rg_entry=[entry, entry, entry])
+    [1.0, 1.0, 0.0]
+    """
+    import json
+
+    import reasoning_gym as rg  # a dependency; imported here so the other rewards load without it
+
+    scores: list[float | None] = []
+    for text, raw in zip(completions, rg_entry):
+        if raw is None:
+            scores.append(None)
+            continue
+        entry = json.loads(raw)
+        answer = str(text).strip().split("\n", 1)[0].strip()
+        scores.append(float(rg.get_score_answer_fn(entry["metadata"]["source_dataset"])(answer, entry)))
+    return scores

@@ -37,10 +37,11 @@ import itertools
 import json
 import random
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Union
 
-from datasets import Dataset, DatasetDict, load_dataset
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from stages.context import ModelConfig, StageContext, StrictModel, local_path
@@ -188,14 +189,40 @@ class TextFolderSource(StrictModel):
     max_chars: int | None = Field(None, ge=1, description="cut each document after this many characters (None = whole)")
 
 
+class ReasoningGymSource(StrictModel):
+    """Procedural reasoning problems with their own scorers (reasoning-gym): prompt, answer and the
+    problem's entry (question, answer, metadata) that its scorer reads, kept as `rg_entry` (JSON)."""
+
+    reasoning_gym: list[str] = Field(description="task names of reasoning_gym.create_dataset, e.g. [chain_sum, basic_arithmetic]")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="generator settings for every task, e.g. {min_terms: 2, max_terms: 2, max_digits: 2}"
+    )
+    size: int = Field(3000, ge=3, description="problems per task over all splits (test + rl + corpus examples)")
+    template: str = Field("{question}\nAnswer: ", description="how a problem is posed to the model; the answer follows it")
+    seed: int | None = Field(None, ge=0, description="the generators' seed (None: run.seed)")
+
+    @field_validator("reasoning_gym", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("template")
+    @classmethod
+    def _has_question(cls, value: str) -> str:
+        if "{question}" not in value:
+            raise ValueError("source.template must contain {question}")
+        return value
+
+
 def _source_kind(value: Any) -> str | None:
-    """Which source model a recipe dict is, by its key: synthetic, hub, files or text_folder."""
+    """Which source model a recipe dict is, by its key: synthetic, hub, files, text_folder or reasoning_gym."""
     if isinstance(value, dict):
-        kinds = [k for k in ("synthetic", "hub", "files", "text_folder") if k in value]
+        kinds = [k for k in ("synthetic", "hub", "files", "text_folder", "reasoning_gym") if k in value]
         if len(kinds) != 1:
             return None
         return kinds[0]
-    for kind, cls in (("synthetic", SyntheticSource), ("hub", HubSource), ("files", FilesSource), ("text_folder", TextFolderSource)):
+    for kind, cls in (("synthetic", SyntheticSource), ("hub", HubSource), ("files", FilesSource),
+                      ("text_folder", TextFolderSource), ("reasoning_gym", ReasoningGymSource)):
         if isinstance(value, cls):
             return kind
     return None
@@ -207,11 +234,12 @@ Source = Annotated[
         Annotated[HubSource, Tag("hub")],
         Annotated[FilesSource, Tag("files")],
         Annotated[TextFolderSource, Tag("text_folder")],
+        Annotated[ReasoningGymSource, Tag("reasoning_gym")],
     ],
     Discriminator(
         _source_kind,
         custom_error_type="source_kind",
-        custom_error_message="a source needs exactly one of the keys synthetic, hub, files or text_folder",
+        custom_error_message="a source needs exactly one of the keys synthetic, hub, files, text_folder or reasoning_gym",
     ),
 ]
 
@@ -231,14 +259,34 @@ class Config(StrictModel):
     preference_pairs: bool | int = Field(
         False, description="(prompt, chosen, rejected) pairs for DPO: false/0 none, true = one per RL prompt, N = N pairs"
     )
+    corpus_test_size: int | float | None = Field(
+        None, gt=0, description="held-out corpus documents when prompts come from prompt_source: a fraction if < 1, else a "
+        "count (None: test_size)",
+    )
+    task_in_corpus: int | float = Field(
+        0, ge=0, description="worked task examples (prompt + answer; never a test or RL problem) mixed into the training "
+        "corpus when prompts come from prompt_source: a count, or a fraction of the rest; more = the format learned sooner",
+    )
+    bpe_vocab_size: int | None = Field(
+        None, ge=260, description="train a byte-level BPE tokenizer of this many tokens on the training corpus (when the "
+        "recipe names no tokenizer and no pretrained teacher): small keeps the LM head cheap; None: character level",
+    )
+    task_repeats: int = Field(
+        1, ge=1, description="how many times each worked task example appears in the corpus (more = more of the "
+        "teacher's training on the task, without more distinct problems)",
+    )
+    lastword_passages: int = Field(
+        0, ge=0, description="held-out passages for the local lm-eval last-word tasks (multiple choice and generate-until, "
+        "written to lm_eval_tasks/); 0: none",
+    )
     padding_side: Literal["left", "right"] = Field("left", description="tokenizer padding side; left for generation")
     dedupe: bool = Field(True, description="drop repeated examples before splitting, so no example is in two splits")
 
-    @field_validator("test_size")
+    @field_validator("test_size", "corpus_test_size", "task_in_corpus")
     @classmethod
-    def _count_or_fraction(cls, value: int | float) -> int | float:
-        if value >= 1 and value != int(value):
-            raise ValueError(f"test_size must be a fraction < 1 or a whole count, got {value}")
+    def _count_or_fraction(cls, value: int | float | None, info: ValidationInfo) -> int | float | None:
+        if value is not None and value >= 1 and value != int(value):
+            raise ValueError(f"{info.field_name} must be a fraction < 1 or a whole count, got {value}")
         return value
 
     @field_validator("preference_pairs")
@@ -286,13 +334,20 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             rl_rows, leftover = rest, rest.select([])
         else:
             rl_rows, leftover = _carve(rest, cfg.rl_prompts, ctx.seed + 1, _name(cfg.source))
+    task_examples = 0
     if corpus_pool is None:
         corpus_train, corpus_test = leftover, test_rows
     else:  # prompts come from elsewhere: the corpus source is split for training and perplexity
-        corpus_test, corpus_train = _carve(corpus_pool, _count(cfg.test_size, len(corpus_pool)), ctx.seed, _name(cfg.source))
+        held = _count(cfg.corpus_test_size or cfg.test_size, len(corpus_pool))
+        corpus_test, corpus_train = _carve(corpus_pool, held, ctx.seed, _name(cfg.source))
+        if cfg.task_in_corpus:  # worked examples the teacher learns the answer format from; never test or RL rows
+            task_examples = min(len(leftover), _count(cfg.task_in_corpus, len(leftover)))
+            worked = leftover.shuffle(seed=ctx.seed + 2).select(range(task_examples)).select_columns(["text"])
+            corpus_train = concatenate_datasets([corpus_train.select_columns(["text"])] + [worked] * cfg.task_repeats)
+            corpus_train = corpus_train.shuffle(seed=ctx.seed + 3)
 
     # --- tokenizer and packed corpus
-    tokenizer = resolve_tokenizer(cfg, ctx.model, [examples, task], padding_side=cfg.padding_side)
+    tokenizer = resolve_tokenizer(cfg, ctx.model, [examples, task], padding_side=cfg.padding_side, training_texts=corpus_train)
     corpus = DatasetDict(
         train=pack(corpus_train, tokenizer, cfg.seq_len),
         test=pack(corpus_test, tokenizer, cfg.seq_len),
@@ -305,6 +360,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     if ctx.is_main_process:
         tokenizer.save_pretrained(out / "tokenizer")
         corpus.save_to_disk(str(out / "corpus"))
+        Dataset.from_dict({"text": list(corpus_test["text"])}).save_to_disk(str(out / "heldout"))  # the held-out documents, raw
 
     metrics: dict[str, Any] = {
         "vocab_size": len(tokenizer),
@@ -313,10 +369,18 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "corpus_test_blocks": len(corpus["test"]),
         "corpus_train_tokens": len(corpus["train"]) * cfg.seq_len,
     }
+    if task_examples:
+        task_tokens = cfg.task_repeats * sum(len(ids) + 1 for ids in tokenizer(list(worked["text"]))["input_ids"])
+        metrics.update(task_examples_in_corpus=task_examples, task_token_share=task_tokens / max(1, metrics["corpus_train_tokens"]))
+    if cfg.lastword_passages:
+        passages = lastword_passages(corpus_test["text"], cfg.lastword_passages, ctx.seed)
+        if ctx.is_main_process:
+            write_lastword_tasks(passages, out / "lm_eval_tasks", random.Random(ctx.seed + 4))
+        metrics["lastword_passages"] = len(passages)
 
     # --- prompts (and preference pairs) when the source has prompt/answer columns
     if has_prompts:
-        keep = ["prompt", "answer"]
+        keep = ["prompt", "answer"] + (["rg_entry"] if "rg_entry" in task.column_names else [])
         rl = rl_rows.select_columns(keep) if rl_rows is not None else Dataset.from_dict({"prompt": [], "answer": []})
         prompts = DatasetDict(train=rl, test=test_rows.select_columns(keep))
         metrics.update(rl_prompts=len(prompts["train"]), test_prompts=len(prompts["test"]))
@@ -357,7 +421,37 @@ def load_examples(source, seed: int) -> tuple[Dataset, Dataset | None]:
         return _standardize(_load_files(source), source, ", ".join(source.files)), None
     if isinstance(source, TextFolderSource):
         return Dataset.from_dict({"text": read_text_folder(source)}), None
+    if isinstance(source, ReasoningGymSource):
+        return reasoning_gym_problems(source, seed), None
     raise ValueError(f"unknown source {source!r}")
+
+
+def _reasoning_gym():
+    try:
+        import reasoning_gym
+    except ImportError:  # pragma: no cover - a dependency of the project
+        raise ValueError("source.reasoning_gym needs the reasoning-gym package: pip install reasoning-gym==0.1.25") from None
+    return reasoning_gym
+
+
+def reasoning_gym_problems(source: ReasoningGymSource, seed: int) -> Dataset:
+    """`size` problems of every task, posed through `template`; columns text, prompt, answer and
+    rg_entry (the problem's JSON: what rewards.reasoning_gym hands back to the task's own scorer)."""
+    rg = _reasoning_gym()
+    rows: dict[str, list[str]] = {"text": [], "prompt": [], "answer": [], "rg_entry": []}
+    for name in source.reasoning_gym:
+        try:
+            problems = rg.create_dataset(name, size=source.size, seed=seed if source.seed is None else source.seed, **source.config)
+        except Exception as error:  # unknown task or generator setting: name the field
+            raise ValueError(f"source.reasoning_gym {name!r} with config {source.config}: {error}") from error
+        for i in range(len(problems)):
+            entry = problems[i]
+            prompt = source.template.format(question=entry["question"])
+            rows["prompt"].append(prompt)
+            rows["answer"].append(str(entry["answer"]))
+            rows["text"].append(prompt + str(entry["answer"]))
+            rows["rg_entry"].append(json.dumps(entry, default=str))
+    return Dataset.from_dict(rows)
 
 
 def text_folder_files(source: TextFolderSource) -> list[Path]:
@@ -481,6 +575,13 @@ def preflight(cfg: Config, ctx: StageContext) -> None:
             _peek_files(source, f"stages.data.{field}")
         if isinstance(source, TextFolderSource) and Path(source.text_folder).is_dir() and not text_folder_files(source):
             raise ValueError(f"stages.data.{field}.glob: no file under {source.text_folder} matches {source.glob}")
+        if isinstance(source, ReasoningGymSource):  # unknown task names and settings fail here, not mid-run
+            rg = _reasoning_gym()
+            for name in source.reasoning_gym:
+                try:
+                    rg.create_dataset(name, size=1, seed=0, **source.config)
+                except Exception as error:
+                    raise ValueError(f"stages.data.{field}.reasoning_gym: {name!r} with config {source.config}: {error}") from error
     if ctx.model.tokenizer is not None:
         try:
             AutoTokenizer.from_pretrained(ctx.model.tokenizer, trust_remote_code=ctx.model.trust_remote_code)
@@ -524,6 +625,8 @@ def _name(source) -> str:
         return f"hub:{source.hub}"
     if isinstance(source, TextFolderSource):
         return f"text_folder:{source.text_folder}"
+    if isinstance(source, ReasoningGymSource):
+        return "reasoning_gym:" + ",".join(source.reasoning_gym)
     return "files:" + ",".join(source.files)
 
 
@@ -588,8 +691,40 @@ def build_char_tokenizer(alphabet: str, padding_side: str = "left") -> PreTraine
     )
 
 
-def resolve_tokenizer(cfg: Config, model: ModelConfig, example_sets: list[Dataset], padding_side: str):
-    """model.tokenizer, else the pretrained teacher's tokenizer, else a character-level one built here."""
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme: any string round-trips; digits split one by one) trained on `texts` with the
+    `tokenizers` library, `vocab_size` tokens including <pad>, <bos>, <eos>, <unk>; encoding prepends
+    <bos> like the character-level tokenizer. Deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = list(SPECIAL_TOKENS.values())
+    backend = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk"]))
+    # digits one by one (as Llama's and Qwen's tokenizers do): a number's tokens do not depend on its
+    # neighbours, so "Answer: 140" and a prompt ending in "Answer: " split the same way, and the
+    # model sees the digits it has to compute with
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bos = SPECIAL_TOKENS["bos"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=SPECIAL_TOKENS["eos"], pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"], padding_side=padding_side, clean_up_tokenization_spaces=False,
+    )
+
+
+def resolve_tokenizer(cfg: Config, model: ModelConfig, example_sets: list[Dataset], padding_side: str,
+                      training_texts: Dataset | None = None):
+    """model.tokenizer, else the pretrained teacher's tokenizer, else one built here: a byte-level BPE
+    trained on `training_texts` (the training corpus) when `bpe_vocab_size` is set, else character level."""
     name = model.tokenizer or model.teacher.pretrained
     if name is not None:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model.trust_remote_code)
@@ -597,6 +732,9 @@ def resolve_tokenizer(cfg: Config, model: ModelConfig, example_sets: list[Datase
             raise ValueError(f"tokenizer {name} has no EOS token: the corpus needs one between packed examples")
         if tokenizer.pad_token_id is None:  # common for causal LMs; padding positions are masked anyway
             tokenizer.pad_token = tokenizer.eos_token
+    elif cfg.bpe_vocab_size is not None:
+        texts = training_texts if training_texts is not None else example_sets[0]
+        tokenizer = train_bpe_tokenizer(texts["text"], cfg.bpe_vocab_size)
     elif isinstance(cfg.source, SyntheticSource) and cfg.prompt_source is None:
         tokenizer = build_char_tokenizer(ARITHMETIC_ALPHABET)
     else:
@@ -653,3 +791,109 @@ def make_preferences(rows: Dataset, rng: random.Random) -> Dataset:
                 raise ValueError("preference_pairs: every answer is the same, no wrong answer to reject") from None
             rejected.append(others[0])
     return Dataset.from_dict({"prompt": prompts, "chosen": answers, "rejected": rejected})
+
+
+# ------------------------------------------------------------------------- last-word lm-eval tasks
+
+
+def lastword_passages(documents: Sequence[str], n: int, seed: int, context_chars: int = 400) -> list[dict[str, str]]:
+    """Up to `n` LAMBADA-style passages from held-out documents: a paragraph of 30+ words whose last
+    word (letters only, 3+, the paragraph's end) is the target, and up to `context_chars` characters
+    before it (cut at a word boundary) the context. Deterministic for a seed."""
+    import re
+
+    candidates = []
+    for document in documents:
+        for paragraph in re.split(r"\n\s*\n", document):
+            paragraph = " ".join(paragraph.split())
+            match = re.search(r"(\S+) ([A-Za-z]{3,})[.!?]?$", paragraph)
+            if match is None or len(paragraph.split()) < 30:
+                continue
+            context = paragraph[: match.start(2) - 1]
+            if len(context) > context_chars:
+                context = context[-context_chars:].split(" ", 1)[-1]
+            candidates.append({"context": context, "target": match.group(2)})
+    random.Random(seed).shuffle(candidates)
+    return candidates[:n]
+
+
+_LASTWORD_LOADER = '''"""Loader of the {name} lm-eval task: the JSONL beside this file (written by the data stage)."""
+
+from pathlib import Path
+
+import datasets
+
+
+def load(**kwargs) -> datasets.DatasetDict:
+    return datasets.DatasetDict({{"test": datasets.load_dataset("json", data_files=str(Path(__file__).with_name("{name}.jsonl")), split="train")}})
+'''
+
+_LASTWORD_TASKS = {
+    "heldout_lastword_mc": """# Multiple choice: the held-out passage's last word against 3 last words of other passages,
+# scored by lm-eval's loglikelihood of each (acc). Written by the data stage from data/heldout.
+task: heldout_lastword_mc
+dataset_path: json
+custom_dataset: !function utils.load
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+    "heldout_lastword_gen": """# Generate-until (LAMBADA-style): greedy words after the held-out passage's context; the first
+# word generated must be the passage's last word (lm-eval's exact_match). Written by the data stage.
+task: heldout_lastword_gen
+dataset_path: json
+custom_dataset: !function utils.load
+output_type: generate_until
+test_split: test
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+target_delimiter: " "
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+filter_list:
+  - name: first_word
+    filter:
+      - function: regex
+        regex_pattern: "([A-Za-z]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""",
+}
+
+
+def write_lastword_tasks(passages: list[dict[str, str]], folder: Path, rng: random.Random) -> None:
+    """Two lm-eval tasks over the same passages (folder/<task>/: YAML, JSONL, utils.py loader):
+    heldout_lastword_mc (choices: the true last word and 3 others) and heldout_lastword_gen
+    (`stages.tasks.LASTWORD_TASKS`, the names the eval stage accepts before they exist)."""
+    targets = sorted({p["target"] for p in passages})
+    for name, config in _LASTWORD_TASKS.items():
+        task_dir = folder / name
+        task_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for passage in passages:
+            row = dict(passage)
+            if name.endswith("_mc"):
+                others = rng.sample([t for t in targets if t != passage["target"]], k=min(3, len(targets) - 1))
+                choices = others + [passage["target"]]
+                rng.shuffle(choices)
+                row |= {"choices": choices, "label": choices.index(passage["target"])}
+            rows.append(row)
+        (task_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (task_dir / f"{name}.yaml").write_text(config)
+        (task_dir / "utils.py").write_text(_LASTWORD_LOADER.format(name=name))

@@ -122,18 +122,46 @@ class Config(StrictModel):
 # ------------------------------------------------------------------------------ measurements
 
 
-def task_scores(completions: list[str], prompts_ds, task_names: list[str]) -> dict[str, float | None]:
-    """Per scorer: the mean score over the rows it applies to (None when it applies to none).
+def task_scores(completions: list[str], prompts_ds, task_names: list[str]) -> dict[str, list[float | None]]:
+    """Per scorer: its score of every row, in order (None where it does not apply).
 
     A scorer is a reward function of `rewards.REWARDS`, called like TRL calls it: the
-    completions plus every dataset column (`answer=[...]`); a row scored None does not count.
+    completions plus every dataset column (`answer=[...]`).
     """
     columns = {c: prompts_ds[c] for c in prompts_ds.column_names if c != "prompt"}
-    scores: dict[str, float | None] = {}
-    for name in task_names:
-        values = [v for v in rewards_lib.REWARDS[name](completions=completions, prompts=prompts_ds["prompt"], **columns) if v is not None]
-        scores[name] = sum(values) / len(values) if values else None
-    return scores
+    return {name: list(rewards_lib.REWARDS[name](completions=completions, prompts=prompts_ds["prompt"], **columns))
+            for name in task_names}
+
+
+def mean_and_interval(values: list[float | None], seed: int) -> tuple[float | None, list[float] | None]:
+    """(mean over the rows a scorer applies to, its 95% bootstrap interval); (None, None) for none."""
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return None, None
+    return sum(kept) / len(kept), list(tasks.bootstrap_ci(kept, seed=seed))
+
+
+def paired(values: list[float | None], baseline: list[float | None], seed: int) -> dict[str, Any] | None:
+    """Mean difference values − baseline on the rows both scored, with its paired 95% interval."""
+    pairs = [(v, b) for v, b in zip(values, baseline) if v is not None and b is not None]
+    if not pairs:
+        return None
+    a, b = [v for v, _ in pairs], [w for _, w in pairs]
+    return {"difference": (sum(a) - sum(b)) / len(pairs), "ci95": list(tasks.bootstrap_ci(a, b, seed=seed)), "n": len(pairs)}
+
+
+@torch.no_grad()
+def unigram_perplexity(train_blocks, test_blocks, vocab_size: int) -> float:
+    """The baseline every LM must beat: exp(mean −log p(token)) on the held-out blocks' predicted
+    positions (1..L−1, as `tasks.perplexity` scores), p = the training corpus's token frequencies
+    with add-one smoothing over the vocabulary."""
+    counts = torch.ones(vocab_size, dtype=torch.float64)
+    for start in range(0, len(train_blocks), 1024):
+        ids = torch.tensor(train_blocks[start : start + 1024]["input_ids"]).reshape(-1)
+        counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size].double()
+    log_p = counts.log() - counts.sum().log()
+    targets = torch.tensor(test_blocks["input_ids"])[:, 1:].reshape(-1)
+    return float(torch.exp(-log_p[targets].mean()))
 
 
 def firing_rates(stats: spiking.SpikeStats, num_layers: int) -> dict[str, Any]:
@@ -228,15 +256,17 @@ def energy_ratios(entry: dict[str, Any], teacher: dict[str, Any]) -> dict[str, f
     return ratios
 
 
-def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: Config, seed: int) -> dict[str, dict[str, float]]:
-    """lm-eval zero-shot results of the in-memory `model`: task -> {metric: value} (stderr left out)."""
+def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: Config, seed: int
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """lm-eval zero-shot results of the in-memory `model`: (task -> {metric: value}, stderr left out;
+    task -> the headline metric of every document, for the bootstrap intervals)."""
     lm = HFLM(
         pretrained=model, tokenizer=tokenizer, backend="causal",
         max_length=cfg.lm_eval_max_length, batch_size=cfg.lm_eval_batch_size,
     )
     out = lm_eval.simple_evaluate(
         model=lm, tasks=list(task_names), task_manager=task_manager, limit=cfg.lm_eval_limit,
-        log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+        log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed,
     )
     results: dict[str, dict[str, float]] = {}
@@ -247,34 +277,53 @@ def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: C
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key
             and key.split(",")[0] not in ("sample_len",)
         }
-    return results
+    per_doc = {}
+    for task, samples in (out.get("samples") or {}).items():
+        metric = headline_metric(task, results.get(task) or {})
+        per_doc[task] = [float(sample[metric]) for sample in samples if metric in sample]
+    return results, per_doc
+
+
+def headline_metric(task: str, available) -> str | None:
+    """The metric a task is reported by: the Mamba paper's (acc_norm for HellaSwag / ARC-c), else acc,
+    else the task's only (or first) metric, e.g. exact_match of a generate-until task."""
+    available = list(available)
+    for metric in (LM_EVAL_METRIC.get(task), "acc"):
+        if metric in available:
+            return metric
+    return available[0] if available else None
 
 
 def lm_eval_headline(results: dict[str, dict[str, float]], task_names: list[str]) -> dict[str, float | None]:
-    """Task -> the metric the Mamba paper reports for it (acc_norm for HellaSwag / ARC-c, else acc)."""
+    """Task -> its headline metric's value (`headline_metric`)."""
     headline = {}
     for task in task_names:
         metrics = results.get(task, {})
-        metric = LM_EVAL_METRIC.get(task, "acc")
-        headline[task] = metrics.get(metric, metrics.get("acc"))
+        metric = headline_metric(task, metrics)
+        headline[task] = metrics.get(metric) if metric is not None else None
     return headline
 
 
-def build_task_manager(cfg: Config):
-    """lm-eval's TaskManager with the recipe's include path; every listed task must be known to it."""
+def build_task_manager(cfg: Config, data_dir: Path | None = None, later: tuple[str, ...] = ()):
+    """lm-eval's TaskManager with the recipe's include path and the data stage's own tasks
+    (`data_dir/lm_eval_tasks`, e.g. the held-out last-word tasks); every listed task must be known
+    to it, except the `later` names (tasks the data stage writes when it runs: preflight)."""
     if lm_eval is None:
         raise ImportError(
             f"stages.eval.lm_eval lists {cfg.lm_eval} but lm-eval is not installed: pip install 'spikerl[eval]' "
             "(or set stages.eval.lm_eval: [])"
         )
-    include = None
+    include = []
     if cfg.lm_eval_include_path is not None:
-        include = Path(cfg.lm_eval_include_path)
-        if not include.is_dir():
-            raise ValueError(f"stages.eval.lm_eval_include_path: {include} is not a folder (from {Path.cwd()})")
-        include = str(include.resolve())
-    manager = TaskManager(include_path=include)
-    unknown = [name for name in cfg.lm_eval if name not in manager.all_tasks]
+        folder = Path(cfg.lm_eval_include_path)
+        if not folder.is_dir():
+            raise ValueError(f"stages.eval.lm_eval_include_path: {folder} is not a folder (from {Path.cwd()})")
+        include.append(str(folder.resolve()))
+    if data_dir is not None and (data_dir / "lm_eval_tasks").is_dir():
+        include.append(str((data_dir / "lm_eval_tasks").resolve()))
+    manager = TaskManager(include_path=include or None)
+    include = ", ".join(include) or None
+    unknown = [name for name in cfg.lm_eval if name not in manager.all_tasks and name not in later]
     if unknown:
         raise ValueError(
             f"stages.eval.lm_eval: unknown lm-eval task {unknown[0]!r}"
@@ -289,7 +338,7 @@ def build_task_manager(cfg: Config):
 def preflight(cfg: Config, ctx: StageContext) -> None:
     """Before the run folder is touched: every lm-eval task is known (to lm-eval or the include path)."""
     if cfg.lm_eval:
-        build_task_manager(cfg)
+        build_task_manager(cfg, later=tasks.LASTWORD_TASKS)
 
 
 def machine() -> dict[str, Any]:
@@ -337,7 +386,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     found, missing = find_models(cfg, ctx)
     if not found:
         raise ValueError(f"stages.eval.models: none of {cfg.models} is finished in {ctx.run_dir} ({missing})")
-    task_manager = build_task_manager(cfg) if cfg.lm_eval else None  # fails before any model is loaded
+    task_manager = build_task_manager(cfg, data_dir) if cfg.lm_eval else None  # fails before any model is loaded
     corpus, prompts = load_from_disk(str(data_dir / "corpus")), load_from_disk(str(data_dir / "prompts"))
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     test_prompts = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
@@ -356,12 +405,16 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         model = load_model(name, folder, ctx)
         check_vocab(model, tokenizer, f"stages.eval: model {folder}")
         completions = tasks.generate_completions(model, tokenizer, test_prompts["prompt"], budget, cfg.eval_batch_size)
+        per_example = task_scores(completions, test_prompts, cfg.tasks)
+        summaries = {task: mean_and_interval(values, ctx.seed) for task, values in per_example.items()}
         entry: dict[str, Any] = {
             "status": "evaluated",
             "folder": name,
             "spiking": any(True for _ in spiking.iter_neurons(model)),
             "params": sum(p.numel() for p in model.parameters()),
-            "accuracy": task_scores(completions, test_prompts, cfg.tasks),
+            "accuracy": {task: mean for task, (mean, _) in summaries.items()},
+            "accuracy_ci95": {task: interval for task, (_, interval) in summaries.items()},  # percentile bootstrap
+            "accuracy_per_example": per_example,  # per held-out prompt, in order: the paired comparisons use it
             "examples": [list(x) for x in zip(test_prompts["prompt"][:5], completions[:5], test_prompts["answer"][:5])],
             "perplexity": tasks.perplexity(model, blocks, cfg.eval_batch_size),
         }
@@ -375,8 +428,10 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                     teacher_pj[memory_1.name], model, stats, memory_1
                 )
         if task_manager is not None:
-            entry["lm_eval"] = lm_eval_scores(model, tokenizer, cfg.lm_eval, task_manager, cfg, ctx.seed)
+            entry["lm_eval"], per_doc = lm_eval_scores(model, tokenizer, cfg.lm_eval, task_manager, cfg, ctx.seed)
             entry["lm_eval_headline"] = lm_eval_headline(entry["lm_eval"], cfg.lm_eval)
+            entry["lm_eval_ci95"] = {task: mean_and_interval(values, ctx.seed)[1] for task, values in per_doc.items()}
+            entry["lm_eval_per_doc"] = per_doc
             values = [v for v in entry["lm_eval_headline"].values() if v is not None]
             entry["lm_eval_average"] = sum(values) / len(values) if len(values) == len(cfg.lm_eval) else None
         entry["eval_s"] = round(time.perf_counter() - started, 2)
@@ -407,6 +462,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                 100 * (teacher_avg - average) if teacher_avg is not None and average is not None else None
             )
 
+    comparisons = paired_comparisons(results, ctx)
     metrics_file = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine(),
@@ -417,6 +473,10 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "eval_samples": len(test_prompts),
         "max_new_tokens": budget,
         "held_out_tokens": {"blocks": len(blocks), "tokens": int(held_out.numel()), "source": "data/corpus test split"},
+        # the baseline a language model must beat, on the same held-out positions as the perplexities
+        "baselines": {"unigram_ppl": unigram_perplexity(corpus["train"], blocks, len(tokenizer))},
+        "intervals": "95% percentile bootstrap, 2000 resamples of the held-out rows; paired for differences",
+        "paired": comparisons,
         "lm_eval": {
             "tasks": list(cfg.lm_eval), "include_path": cfg.lm_eval_include_path, "limit": cfg.lm_eval_limit,
             "version": getattr(lm_eval, "__version__", None) if cfg.lm_eval else None,
@@ -430,6 +490,25 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     return headline_metrics(metrics_file)
 
 
+def paired_comparisons(results: dict[str, dict[str, Any]], ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """Paired differences on the same held-out prompts, with 95% bootstrap intervals: every student
+    against the teacher, and rl against its own input model (sparsify, or distill without it: the
+    RL gain). {"<a>_vs_<b>": {task: {difference, ci95, n}}}."""
+    evaluated = {name: e for name, e in results.items() if e["status"] == "evaluated"}
+    pairs = [(name, "teacher") for name in evaluated if name != "teacher" and "teacher" in evaluated]
+    rl_manifest = ctx.upstream.get("rl", ctx.run_dir / "rl") / "manifest.json"
+    if "rl" in evaluated and rl_manifest.is_file():
+        source = json.loads(rl_manifest.read_text()).get("metrics", {}).get("input_model")
+        if source in evaluated:
+            pairs.append(("rl", source))
+    out = {}
+    for a, b in pairs:
+        by_task = {task: paired(values, evaluated[b]["accuracy_per_example"][task], ctx.seed)
+                   for task, values in evaluated[a]["accuracy_per_example"].items()}
+        out[f"{a}_vs_{b}"] = {"model": a, "baseline": b, **by_task}
+    return out
+
+
 def headline_metrics(metrics_file: dict[str, Any]) -> dict[str, Any]:
     """The manifest's metrics: per stage accuracy, perplexity, firing rate, energy, ratio, params."""
     out: dict[str, Any] = {}
@@ -439,6 +518,7 @@ def headline_metrics(metrics_file: dict[str, Any]) -> dict[str, Any]:
             continue
         first_task = next(iter(entry["accuracy"]))
         out[f"{name}/accuracy"] = entry["accuracy"][first_task]
+        out[f"{name}/accuracy_ci95"] = entry["accuracy_ci95"][first_task]
         out[f"{name}/ppl"] = entry["perplexity"]
         if "energy" in entry:
             out[f"{name}/firing_rate"] = entry["firing_rate"]

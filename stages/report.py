@@ -61,6 +61,7 @@ def _pct(v: float) -> str:
 # column key -> (header, formatter); the accuracy / lm-eval columns are added per task
 FORMATS: dict[str, Callable[[Any], str]] = {
     "accuracy": _pct,
+    "interval": lambda v: f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]",  # a 95% interval of a rate, in points
     "lm_eval": _pct,
     "lm_eval_average": _pct,
     "perplexity": lambda v: f"{v:.3f}",
@@ -110,9 +111,16 @@ def _cell(kind: str, metrics: dict, stage: str, *keys: str) -> dict[str, Any]:
 
 def table_columns(metrics: dict) -> list[tuple[str, str, tuple[str, ...]]]:
     """(header, kind, key path under stages.<stage>) of the side-by-side table."""
-    columns = [(f"accuracy ({task})", "accuracy", ("accuracy", task)) for task in metrics["tasks"]]
+    columns = []
+    for task in metrics["tasks"]:
+        columns.append((f"accuracy ({task})", "accuracy", ("accuracy", task)))
+        if any("accuracy_ci95" in e for e in metrics["stages"].values()):
+            columns.append((f"95% CI ({task})", "interval", ("accuracy_ci95", task)))
     lm_tasks = metrics["lm_eval"]["tasks"] if any("lm_eval" in e for e in metrics["stages"].values()) else []
-    columns += [(f"lm-eval {task}", "lm_eval", ("lm_eval_headline", task)) for task in lm_tasks]
+    for task in lm_tasks:
+        columns.append((f"lm-eval {task}", "lm_eval", ("lm_eval_headline", task)))
+        if any(task in (e.get("lm_eval_ci95") or {}) for e in metrics["stages"].values()):
+            columns.append((f"95% CI (lm-eval {task})", "interval", ("lm_eval_ci95", task)))
     if len(lm_tasks) > 1:
         columns.append(("lm-eval avg", "lm_eval_average", ("lm_eval_average",)))
     columns += [
@@ -311,6 +319,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     if missing:
         lines += ["", "Missing stages (not evaluated, not zero): " + "; ".join(f"{r['stage']}: {r['reason']}" for r in missing) + "."]
 
+    if report.get("baselines"):
+        unigram = report["baselines"].get("unigram_ppl")
+        if unigram is not None:
+            lines += ["", f"Baseline perplexity on the same held-out tokens: unigram (training-corpus token frequencies, "
+                          f"add-one smoothing) {unigram:.3f}."]
+    if report.get("paired"):
+        lines += ["", "## Paired differences", "",
+                  "Accuracy of a model minus its baseline's on the same held-out prompts (points), with the 95% "
+                  "percentile-bootstrap interval of the paired difference (2000 resamples of the prompts).", ""]
+        body = []
+        for comparison in report["paired"].values():
+            for task, value in comparison.items():
+                if task in ("model", "baseline") or value is None:
+                    continue
+                lo, hi = value["ci95"]
+                body.append([comparison["model"], comparison["baseline"], task, f"{100 * value['difference']:+.1f}",
+                             f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", str(value["n"])])
+        lines += _md_table(["model", "baseline", "task", "difference (points)", "95% CI", "prompts"], body)
+
     if report["cost_model_columns"]:
         lines += ["", "## Energy by cost model", "",
                   "E_teacher / E_stage on the same held-out tokens under each cost model (methods.md §8, §10); the "
@@ -435,6 +462,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, logger:
         "rows": stage_rows(metrics),
         "paper": PAPER,
         "paper_comparison": paper_comparison(metrics),
+        "baselines": metrics.get("baselines"),  # eval/metrics.json:baselines
+        "paired": metrics.get("paired"),  # eval/metrics.json:paired
         "energy_by_group": {
             "stages": with_energy, "groups": groups,
             "values": {s: evaluated[s]["energy"]["pj_by_group"] for s in with_energy},

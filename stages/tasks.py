@@ -9,6 +9,8 @@ Both take any causal LM with the HF API (`model(input_ids, attention_mask).logit
 `model.generate`): transformers' `MambaForCausalLM` and the project's spiking model alike.
 * `compare_with_teacher`: both plus firing rates and energy, a trained student beside its teacher.
 * `left_padded`, `eval_mode`: a tokenizer padding on the left / a model in eval mode for the duration.
+* `bootstrap_ci`: the 95% percentile-bootstrap interval of a mean of per-example scores, or of a
+  paired difference (the same problems scored by two models).
 
     from stages.tasks import exact_match_accuracy
     exact_match_accuracy(model, tokenizer, load_from_disk("runs/tiny/data/prompts")["test"])
@@ -24,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import spiking
+
+
+# The lm-eval tasks the data stage writes from its held-out documents (`stages.data.lastword_passages`)
+LASTWORD_TASKS = ("heldout_lastword_mc", "heldout_lastword_gen")
 
 
 def normalize_answer(text: str) -> str:
@@ -139,8 +145,37 @@ def exact_match_accuracy(
     return {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
+        "correct": [float(c) for c in correct],  # per prompt, in order: paired comparisons use it
         "examples": [list(x) for x in zip(prompts[:5], completions[:5], answers[:5])],
     }
+
+
+def bootstrap_ci(
+    values: Sequence[float], baseline: Sequence[float] | None = None, iters: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval (default 95%) of mean(values), or with `baseline` of the paired
+    mean(values − baseline): the same examples resampled for both, so what the two models share
+    (easy and hard problems) cancels. Deterministic for a seed.
+
+    >>> bootstrap_ci([1.0] * 10)
+    (1.0, 1.0)
+    >>> lo, hi = bootstrap_ci([1, 0] * 50); 0.39 < lo < 0.5 < hi < 0.61
+    True
+    """
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if baseline is not None:
+        b = np.asarray(baseline, dtype=np.float64)
+        if b.shape != x.shape:
+            raise ValueError(f"bootstrap_ci: {len(b)} paired baseline scores for {len(x)} scores")
+        x = x - b
+    if x.size == 0:
+        raise ValueError("bootstrap_ci: no scores")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(iters, x.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 @torch.no_grad()

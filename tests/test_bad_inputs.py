@@ -163,6 +163,11 @@ CASES: list[tuple[str, Change, list[str], str]] = [
     ("wrong text column in the prompt source", lambda r, f: set_path(r, "stages.data.prompt_source",
                                                                       files_source(f["good"], text_column="body")), [],
      r"stages\.data\.prompt_source\.text_column: no column 'body'"),
+    ("unknown reasoning-gym task", lambda r, f: set_path(r, "stages.data.prompt_source", {"reasoning_gym": ["no_such_gym_task"]}),
+     [], r"stages\.data\.prompt_source\.reasoning_gym: 'no_such_gym_task'"),
+    ("reasoning-gym template without the question", lambda r, f: set_path(
+        r, "stages.data.prompt_source", {"reasoning_gym": ["chain_sum"], "template": "Answer: "}), [],
+     r"stages\.data\.prompt_source.*template must contain \{question\}"),
     # --- every path-valued field, checked before the run folder exists
     ("lm-eval include path missing", lambda r, f: r["stages"].update(
         eval={"lm_eval": [], "lm_eval_include_path": str(f["tokenizer"].with_name("no_tasks"))}), [],

@@ -186,3 +186,17 @@ def test_bad_recipe_changes_nothing_on_disk(tmp_path, fake_stages, capsys, text,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("spikerl: error: ") and str(path) in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; a free-form block (`trl:`) would pass it on to TRL."""
+    from pipeline.recipe import _apply_override, _load_yaml_text, _read_yaml
+
+    assert _load_yaml_text("{lr: 1e-4, b: -2E+3, c: .5e1, d: 3.0e-5, e: 1e, f: e5}") == {
+        "lr": 1e-4, "b": -2000.0, "c": 5.0, "d": 3e-5, "e": "1e", "f": "e5"}
+    path = tmp_path / "r.yaml"
+    path.write_text("stages:\n  rl:\n    trl: {learning_rate: 1e-4}\n")
+    raw = _read_yaml(path)
+    assert raw["stages"]["rl"]["trl"]["learning_rate"] == 1e-4
+    _apply_override(raw, "stages.rl.trl.learning_rate=2e-5", path)
+    assert isinstance(raw["stages"]["rl"]["trl"]["learning_rate"], float) and raw["stages"]["rl"]["trl"]["learning_rate"] == 2e-5
