@@ -142,11 +142,12 @@ def length_penalty_reward(max_chars: int = 32) -> Callable[..., list[float | Non
     return length_penalty
 
 
-def reasoning_gym(completions: Sequence[str], rg_entry: Sequence[str | None], **kwargs) -> list[float | None]:
+def reasoning_gym(completions: Sequence[str], rg_entry: Sequence[str | None] | None = None, **kwargs) -> list[float | None]:
     """The reasoning-gym task's own scorer, 0..1: `score_answer(completion, entry)` of the dataset
     that made the problem (its name is in the entry's metadata). `rg_entry` is the problem's JSON,
     the column the data stage's `reasoning_gym` source writes; the completion is stripped and cut at
-    its first line (the answer format the prompts ask for). A row without an entry gets None.
+    its first line (the answer format the prompts ask for). A row without an entry gets None, and so
+    does every row of a dataset without the column (the reward does not apply there).
 
     >>> import json
     >>> entry = json.dumps({"question": "4 - 1 =", "answer": "3", "metadata": {"source_dataset": "chain_sum"}})
@@ -157,6 +158,8 @@ def reasoning_gym(completions: Sequence[str], rg_entry: Sequence[str | None], **
 
     import reasoning_gym as rg  # a dependency; imported here so the other rewards load without it
 
+    if rg_entry is None:
+        return [None] * len(completions)
     scores: list[float | None] = []
     for text, raw in zip(completions, rg_entry):
         if raw is None:

@@ -120,7 +120,7 @@ CASES: list[tuple[str, Change, list[str], str]] = [
     ("unknown generator", lambda r, f: set_path(r, "stages.data.source.synthetic", "poetry"), [],
      r"unknown generator 'poetry' for source\.synthetic"),
     ("two source kinds", lambda r, f: set_path(r, "stages.data.source", {"synthetic": "arithmetic", "files": ["a"]}), [],
-     r"stages\.data\.source: a source needs exactly one of the keys synthetic, hub, files or text_folder"),
+     r"stages\.data\.source: a source needs exactly one of the keys synthetic, hub, files, text_folder or reasoning_gym"),
     ("both teacher sources", lambda r, f: set_path(r, "model.teacher.pretrained", str(f["small_vocab_teacher"])), [],
      r"model\.teacher: set exactly one of `pretrained`.*got both"),
     # --- unknown reward names, bad reward arguments

@@ -120,7 +120,7 @@ def test_bad_synthetic_sources():
         data.Config(source={"synthetic": "arithmetic", "digits": [1], "num_problems": 150})  # with the recipe, not at run time
     with pytest.raises(ValidationError, match="digit_weights"):
         data.Config(source={"synthetic": "arithmetic", "digits": [1, 2], "digit_weights": [1.0]})
-    with pytest.raises(ValidationError, match="exactly one of the keys synthetic, hub, files or text_folder"):
+    with pytest.raises(ValidationError, match="exactly one of the keys synthetic, hub, files, text_folder or reasoning_gym"):
         data.Config(source={"synthetic": "arithmetic", "files": ["a.jsonl"]})
     with pytest.raises(ValidationError, match="seq_len"):
         data.Config(seq_len=1)

@@ -72,18 +72,21 @@ def test_a_model_forced_to_the_answer_scores_100_and_known_misses_count_exactly(
     completions = tasks.generate_completions(model, tokenizer, right["prompt"], max_new_tokens=4)
     print("completions:", completions)
     assert completions == ["46"] * 4
-    assert evaluate.task_scores(completions, right, ["arith_exact", "math_answer"]) == {"arith_exact": 1.0, "math_answer": 1.0}
+    assert evaluate.task_scores(completions, right, ["arith_exact", "math_answer"]) == {"arith_exact": [1.0] * 4, "math_answer": [1.0] * 4}
     assert tasks.exact_match_accuracy(model, tokenizer, right, max_new_tokens=4)["accuracy"] == 1.0
 
     # two of four reference answers differ from what the model is forced to say: exactly 50%
     mixed = Dataset.from_dict({"prompt": ["12+34=", "20+27=", "30+16=", "1+1="], "answer": ["46", "47", "46", "2"]})
     completions = tasks.generate_completions(model, tokenizer, mixed["prompt"], max_new_tokens=4)
-    assert evaluate.task_scores(completions, mixed, ["arith_exact"]) == {"arith_exact": 0.5}
+    per_row = evaluate.task_scores(completions, mixed, ["arith_exact"])
+    assert per_row == {"arith_exact": [1.0, 0.0, 1.0, 0.0]}
+    assert evaluate.mean_and_interval(per_row["arith_exact"], seed=0)[0] == 0.5
 
 
 def test_a_scorer_that_applies_to_no_row_gives_none_not_zero():
     rows = Dataset.from_dict({"prompt": ["1+1="], "answer": ["no number here"]})
-    assert evaluate.task_scores(["2"], rows, ["math_answer"]) == {"math_answer": None}
+    assert evaluate.task_scores(["2"], rows, ["math_answer"]) == {"math_answer": [None]}
+    assert evaluate.mean_and_interval([None], seed=0) == (None, None)
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +159,9 @@ def test_lm_eval_scores_the_local_task_for_teacher_and_student_as_computed_by_ha
     manager = evaluate.build_task_manager(cfg)
     docs = [json.loads(line) for line in (LOCAL_TASKS / "arith_mc" / "arith_mc.jsonl").read_text().splitlines()][:20]
     for name, lm in (("teacher (HF MambaForCausalLM)", teacher), ("student (SpikingMamba)", model)):
-        scores = evaluate.lm_eval_scores(lm, tokenizer, ["arith_mc"], manager, cfg, seed=0)
+        scores, per_doc = evaluate.lm_eval_scores(lm, tokenizer, ["arith_mc"], manager, cfg, seed=0)
         by_hand = loglikelihood_accuracy(lm, tokenizer, docs)
+        assert len(per_doc["arith_mc"]) == 20 and sum(per_doc["arith_mc"]) / 20 == pytest.approx(scores["arith_mc"]["acc"])
         print(name, "lm-eval acc", scores["arith_mc"]["acc"], "by hand", by_hand)
         assert scores["arith_mc"]["acc"] == pytest.approx(by_hand, abs=1e-12)
     assert evaluate.lm_eval_headline(scores, ["arith_mc"]) == {"arith_mc": scores["arith_mc"]["acc"]}

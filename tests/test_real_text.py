@@ -88,6 +88,7 @@ def test_reasoning_gym_reward_calls_the_tasks_own_scorer():
     completions = [answers[0], f" {answers[1]}\nand more", str(int(answers[2]) + 1)]
     assert rewards.REWARDS["reasoning_gym"](completions, rg_entry=entries) == [1.0, 1.0, 0.0]
     assert rewards.reasoning_gym(["1"], rg_entry=[None]) == [None]
+    assert rewards.reasoning_gym(["1", "2"], answer=["1", "2"]) == [None, None]  # no rg_entry column: does not apply
 
 
 def test_data_stage_with_real_text_and_reasoning_gym_problems(tmp_path):
