@@ -40,7 +40,7 @@ from spiking.kernels import gate_neuron, gate_neuron_ref, selective_scan, select
 from spiking.cpu_kernels import load_extension, selective_scan_cpu  # noqa: E402
 from spiking.kernels import MAMBA_SSM_AVAILABLE, TRITON_AVAILABLE  # noqa: E402
 
-from quiet import Quiet  # noqa: E402 - benchmarks/quiet.py, beside this script
+from quiet import Quiet, interleaved  # noqa: E402 - benchmarks/quiet.py, beside this script
 
 # Nominal peak memory bandwidth (GB/s, vendor figures) by device-name fragment; the measured copy
 # bandwidth is reported beside it.
@@ -106,21 +106,7 @@ def cpu_part(args) -> dict:
         fns = {"ref": lambda x=x: scan_fwd_bwd(selective_scan_ref, x)}
         if cpu_error is None:
             fns["cpu"] = lambda x=x: scan_fwd_bwd(selective_scan_cpu, x)
-        for fn in fns.values():  # warm-up
-            fn()
-        times = {name: [] for name in fns}
-        while len(times["ref"]) < args.reps:  # ref and cpu interleaved, round by round
-            round_times = {}
-
-            def run():
-                for name, fn in fns.items():
-                    start = time.perf_counter()
-                    fn()
-                    round_times[name] = time.perf_counter() - start
-
-            if quiet.round(run):
-                for name, seconds in round_times.items():
-                    times[name].append(seconds)
+        times = interleaved(fns, args.reps, warmup=1, quiet=quiet)  # ref and cpu round by round
         seconds = statistics.median(times["ref"])
         row = {"length": length, "ref_fwd_bwd_s": seconds, "us_per_token": 1e6 * seconds / length}
         if cpu_error is None:

@@ -54,7 +54,7 @@ from transformers.utils.import_utils import is_mambapy_available  # noqa: E402
 from spiking import default_neurons, from_teacher  # noqa: E402
 from spiking.kernels import resolve_backend  # noqa: E402
 
-from quiet import Quiet  # noqa: E402 - benchmarks/quiet.py, beside this script
+from quiet import Quiet, interleaved  # noqa: E402 - benchmarks/quiet.py, beside this script
 
 SHAPES = {  # name: (hidden, layers, batch, seq_len)
     "d64x4 B64xL24": (64, 4, 64, 24),
@@ -104,30 +104,6 @@ def students(teacher: MambaForCausalLM, calibration: torch.Tensor) -> dict[str, 
 def step(model, ids) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     model.zero_grad(set_to_none=True)
-
-
-def interleaved(fns: dict, reps: int, warmup: int, quiet: Quiet | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each fn, round-robin: rep r of every fn runs before rep r + 1 of any."""
-    times = {name: [] for name in fns}
-    kept = 0
-    while kept < warmup + reps:
-        round_times = {}
-
-        def run():
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                round_times[name] = time.perf_counter() - start
-
-        if quiet is None or kept < warmup:
-            run()
-        elif not quiet.round(run):
-            continue
-        if kept >= warmup:
-            for name, elapsed in round_times.items():
-                times[name].append(elapsed)
-        kept += 1
-    return times
 
 
 def training(args) -> list[dict]:

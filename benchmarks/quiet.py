@@ -67,3 +67,27 @@ class Quiet:
             return False
         self.others_cores.append(others)
         return True
+
+
+def interleaved(fns: dict, reps: int, warmup: int, quiet: Quiet | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, round-robin: rep r of every fn runs before rep r + 1 of any."""
+    times = {name: [] for name in fns}
+    kept = 0
+    while kept < warmup + reps:
+        round_times = {}
+
+        def run():
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                round_times[name] = time.perf_counter() - start
+
+        if quiet is None or kept < warmup:
+            run()
+        elif not quiet.round(run):
+            continue
+        if kept >= warmup:
+            for name, elapsed in round_times.items():
+                times[name].append(elapsed)
+        kept += 1
+    return times
