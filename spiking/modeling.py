@@ -129,13 +129,24 @@ def _make_neurons(config: SpikingMambaConfig, channels: dict[str, int]) -> nn.Mo
     return modules
 
 
-def _neuron(neurons: nn.ModuleDict, placement: str) -> nn.Module | None:
-    """The neuron at `placement` in a module's `neurons`, or None (no neuron there)."""
-    key = NEURON_MODULE_NAMES[placement]
-    return neurons[key] if key in neurons else None
+class _NeuronOwner:
+    """A module holding neurons in `self.neurons` (a ModuleDict keyed by `NEURON_MODULE_NAMES`) and
+    the model's `self.config`: the mixer, the MLP and the backbone (the LM head's input)."""
+
+    def neuron(self, placement: str) -> nn.Module | None:
+        """The neuron on the input of `placement` held here, or None (no neuron there)."""
+        key = NEURON_MODULE_NAMES[placement]
+        return self.neurons[key] if key in self.neurons else None
+
+    def spike(self, placement: str, x: torch.Tensor) -> torch.Tensor:
+        """The neuron at `placement` applied to x [..., C], or x itself (no neuron / spiking off)."""
+        neuron = self.neuron(placement)
+        if self.config.spiking and neuron is not None:
+            return neuron(x)
+        return x
 
 
-class SpikingMambaMixer(nn.Module):
+class SpikingMambaMixer(_NeuronOwner, nn.Module):
     """Mamba's selective-SSM mixer with optional neurons on the inputs of in_proj, x_proj, out_proj."""
 
     def __init__(self, config: SpikingMambaConfig, layer_idx: int):
@@ -194,17 +205,6 @@ class SpikingMambaMixer(nn.Module):
         ).clamp(min=config.time_step_floor)
         inv_dt = dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
         init.copy_(self.dt_proj.bias, inv_dt)
-
-    def neuron(self, placement: str) -> nn.Module | None:
-        """The neuron on the input of `placement` ("in_proj", "x_proj", "dt_proj", "out_proj"), or None."""
-        return _neuron(self.neurons, placement)
-
-    def spike(self, placement: str, x: torch.Tensor) -> torch.Tensor:
-        """The neuron at `placement` applied to x [..., C], or x itself (no neuron / spiking off)."""
-        neuron = self.neuron(placement)
-        if self.config.spiking and neuron is not None:
-            return neuron(x)
-        return x
 
     def fused_out_neuron(self, device: torch.device) -> nn.Module | None:
         """The out_proj neuron when the Triton backend runs it fused with the gate, else None.
@@ -314,7 +314,7 @@ class SpikingMambaRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-class SpikingMambaMLP(nn.Module):
+class SpikingMambaMLP(_NeuronOwner, nn.Module):
     """Gated MLP down(SiLU(gate(x)) · up(x)); neurons on the input of gate/up ("mlp.up") and of down ("mlp.down")."""
 
     def __init__(self, config: SpikingMambaConfig):
@@ -326,16 +326,6 @@ class SpikingMambaMLP(nn.Module):
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.down_proj._zero_init = True  # see SpikingMambaPreTrainedModel._init_weights
         self.neurons = _make_neurons(config, channels={"mlp.up": config.hidden_size, "mlp.down": width})
-
-    def neuron(self, placement: str) -> nn.Module | None:
-        """The neuron on the input of "mlp.up" (gate_proj and up_proj) or "mlp.down", or None."""
-        return _neuron(self.neurons, placement)
-
-    def spike(self, placement: str, x: torch.Tensor) -> torch.Tensor:
-        neuron = self.neuron(placement)
-        if self.config.spiking and neuron is not None:
-            return neuron(x)
-        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, H] -> [B, L, H]."""
@@ -425,7 +415,7 @@ def _pick_cache(cache, past_key_values, cache_params):
     return given[0] if given else None
 
 
-class SpikingMambaModel(SpikingMambaPreTrainedModel):
+class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
     """Embeddings, blocks, final RMSNorm. What TRL's fused LM head calls (`model.backbone`)."""
 
     def __init__(self, config: SpikingMambaConfig):
@@ -436,10 +426,6 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
         self.norm_f = SpikingMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.neurons = _make_neurons(config, channels={"head": config.hidden_size})
         self.post_init()
-
-    def neuron(self, placement: str) -> nn.Module | None:
-        """The model-level neuron at `placement` ("head": on the LM head's input), or None."""
-        return _neuron(self.neurons, placement)
 
     def get_input_embeddings(self):
         return self.embeddings
@@ -496,9 +482,7 @@ class SpikingMambaModel(SpikingMambaPreTrainedModel):
                     all_hidden_states = all_hidden_states + (hidden_states,)
             hidden_states = self.norm_f(hidden_states)
         # the fused step returns norm_f's output too; the head neuron runs as a module on either path
-        head_neuron = self.neuron("head")
-        if self.config.spiking and head_neuron is not None:
-            hidden_states = head_neuron(hidden_states)  # [B, L, H]: what the LM head reads, spikes included
+        hidden_states = self.spike("head", hidden_states)  # [B, L, H]: what the LM head reads, spikes included
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
 
