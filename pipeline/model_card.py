@@ -96,6 +96,11 @@ def _teacher_text(recipe: Recipe) -> tuple[str, str | None]:
         hub_id = None if Path(teacher.pretrained).exists() else teacher.pretrained  # a local folder is no hub id
         return f"`{teacher.pretrained}` (pretrained)", hub_id
     arch = teacher.train_from_scratch
+    if arch.architecture == "llama":
+        return (
+            f"a Llama Transformer trained from scratch by this run's teacher stage (hidden {arch.hidden_size}, "
+            f"{arch.num_hidden_layers} layers, {arch.num_attention_heads} heads)"
+        ), None
     mlp = f", gated MLP width {arch.intermediate_size}" if arch.intermediate_size else ""
     return (
         f"a Mamba trained from scratch by this run's teacher stage (hidden {arch.hidden_size}, "

@@ -9,7 +9,16 @@ Nothing here knows about recipes or stages.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .convert import calibrate, from_teacher, load_deployed, to_hf_mamba, upgrade_folder
+from .convert import (
+    calibrate,
+    from_teacher,
+    from_transformer,
+    init_from_attention,
+    is_transformer,
+    load_deployed,
+    to_hf_mamba,
+    upgrade_folder,
+)
 from .energy import *  # noqa: F403 - helper A's public names (estimate_energy, energy_ratio, ...)
 from .energy import __all__ as _energy_all
 from .kernels import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
@@ -38,6 +47,9 @@ __all__ = [
     "calibrate",
     "default_neurons",
     "from_teacher",
+    "from_transformer",
+    "init_from_attention",
+    "is_transformer",
     "load_deployed",
     "lora_target_modules",
     "selective_scan",

@@ -6,9 +6,12 @@
     teacher = to_hf_mamba(student)   # only for a neuron-free, MLP-free student
     student = load_deployed("runs/tiny/distill")   # a saved student as deployed: SGC off, spikes on
     upgrade_folder("old/distill")    # a folder saved before the neuron rename: new names, its code
+    student = from_transformer("runs/llama/teacher", neurons=default_neurons(), keep_attention=[2])
 
-The student has the teacher's architecture and weights (same parameter names); neurons start
-uncalibrated until `calibrate` runs. Mamba2 teachers are not supported yet.
+A Mamba teacher's student has the teacher's architecture and weights (same parameter names). A
+Transformer teacher (Llama layout) gets a Mamba student whose mixers start from its attention
+weights (`from_transformer`, methods.md §13). Neurons start uncalibrated until `calibrate` runs.
+Mamba2 teachers are not supported yet.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ logger = logging.getLogger(__name__)
 
 # Config keys that are bookkeeping, not architecture: never copied between config classes.
 _BOOKKEEPING_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"}
-_SPIKING_KEYS = {"neurons", "spiking", "mlp_intermediate_size", "scan_backend"}
+_SPIKING_KEYS = {"neurons", "spiking", "mlp_intermediate_size", "scan_backend", "bc_proj", "attention_layers", "attention"}
+# Transformer teachers whose decoder layer is Llama's: q/k/v/o projections (RoPE), a gated SiLU MLP
+# (gate/up/down), RMSNorm before each. Their FFN fits the student's MLP, their attention transformers'
+# LlamaAttention. GPT-2 (LayerNorm, GELU MLP, fused c_attn) and Qwen2 (q/k/v bias) do not fit.
+LLAMA_LAYOUT = ("llama", "mistral")
 
 
 def _mamba2_error(what: str) -> NotImplementedError:
@@ -79,6 +86,11 @@ def from_teacher(
     New modules (neurons, an MLP from `mlp_intermediate_size`) keep their own initialisation; with
     `calibration_batches` the neurons are calibrated on the teacher's activations.
     """
+    if is_transformer(teacher):
+        return from_transformer(teacher, neurons=neurons, calibration_batches=calibration_batches, **config_overrides)
+    if config_overrides.get("attention_layers"):
+        raise ValueError("keep_attention: the teacher is a Mamba; only a Transformer teacher has attention to keep")
+    config_overrides.pop("attention_layers", None)
     teacher = _load_teacher(teacher)
     fields = {k: v for k, v in teacher.config.to_dict().items() if k not in _BOOKKEEPING_KEYS}
     unknown = sorted(set(config_overrides) - set(fields) - _SPIKING_KEYS)
@@ -97,6 +109,132 @@ def from_teacher(
     parameter = next(teacher.parameters())
     student.to(device=parameter.device, dtype=parameter.dtype)
     student.config._name_or_path = teacher.config._name_or_path
+    if calibration_batches is not None:
+        calibrate(student, calibration_batches)
+    return student
+
+
+def is_transformer(teacher) -> bool:
+    """Is `teacher` (an instance, hub id or folder) an attention model rather than a Mamba?"""
+    if isinstance(teacher, (str, Path)):
+        model_type = AutoConfig.from_pretrained(str(teacher)).model_type
+    else:
+        model_type = getattr(getattr(teacher, "config", None), "model_type", None)
+    return model_type not in ("mamba", "mamba2", SpikingMambaConfig.model_type, None)
+
+
+def _transformer_teacher(teacher):
+    """A Llama-layout causal LM from an instance, a hub id or a folder; other layouts -> a clear error."""
+    if isinstance(teacher, (str, Path)):
+        teacher = AutoModelForCausalLM.from_pretrained(str(teacher))
+    config = teacher.config
+    if config.model_type not in LLAMA_LAYOUT:
+        raise ValueError(
+            f"from_transformer: teacher model_type {config.model_type!r} is not supported; the student's block "
+            f"(RMSNorm, gated SiLU MLP) holds Llama-layout teachers: {list(LLAMA_LAYOUT)}"
+        )
+    problems = {
+        "hidden_act": (config.hidden_act, "silu"), "attention_bias": (getattr(config, "attention_bias", False), False),
+        "mlp_bias": (getattr(config, "mlp_bias", False), False), "sliding_window": (getattr(config, "sliding_window", None), None),
+    }
+    for key, (value, wanted) in problems.items():
+        if value != wanted:
+            raise ValueError(f"from_transformer: teacher config {key}={value!r} is not supported (needs {wanted!r})")
+    return teacher
+
+
+@torch.no_grad()
+def init_from_attention(mixer, attention, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Initialise a `bc_proj` Mamba mixer from one attention layer (methods.md §13, MambaInLlama).
+
+    Copied: x (in_proj's first half) <- V, repeated per query head as GQA shares it; B <- K;
+    C <- Q, the query heads sharing one KV head averaged, times the score scale 1/sqrt(head_dim);
+    out_proj <- O. The state size N takes the first N rows of K and of the averaged Q (all of them
+    at N = num_kv_heads·head_dim: then C·B = Σ_kv-heads q·k/sqrt(dh), one merged head). The conv
+    starts as the identity (x = SiLU(V·h) at the start). New (the mixer's own initialisation): the
+    gate z (in_proj's second half), Δ (x_proj, dt_proj), A, D. RoPE and the softmax have no place.
+    """
+    D, N = mixer.intermediate_size, mixer.ssm_state_size
+    if num_heads * head_dim != D:
+        raise ValueError(f"init_from_attention: heads·head_dim = {num_heads * head_dim} but the mixer width is {D}")
+    if N > num_kv_heads * head_dim:
+        raise ValueError(f"init_from_attention: state_size {N} > key width {num_kv_heads * head_dim}")
+    groups = num_heads // num_kv_heads
+    hidden = attention.v_proj.in_features
+    v = attention.v_proj.weight.view(num_kv_heads, head_dim, hidden).repeat_interleave(groups, dim=0)
+    mixer.in_proj.weight[:D].copy_(v.reshape(D, hidden))
+    q = attention.q_proj.weight.view(num_kv_heads, groups, head_dim, hidden).mean(dim=1).reshape(-1, hidden)
+    mixer.bc_proj.weight[:N].copy_(attention.k_proj.weight[:N])
+    mixer.bc_proj.weight[N:].copy_(q[:N] * head_dim**-0.5)
+    mixer.out_proj.weight.copy_(attention.o_proj.weight)
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0  # the tap on the current token
+    if mixer.conv1d.bias is not None:
+        mixer.conv1d.bias.zero_()
+
+
+def from_transformer(
+    teacher,
+    neurons: dict | None = None,
+    keep_attention: Iterable[int] = (),
+    calibration_batches: Iterable | None = None,
+    **config_overrides,
+) -> SpikingMambaForCausalLM:
+    """A (spiking) Mamba student of a Llama-layout Transformer teacher (instance, hub id or folder).
+
+    From the teacher: tokenizer ids and vocabulary, embeddings, every RMSNorm, the LM head, each
+    layer's FFN as the student's MLP (`mlp_intermediate_size`), and for layers in `keep_attention`
+    the attention itself (transformers' LlamaAttention, KV cache in generation). Every other
+    attention layer becomes a Mamba mixer with B, C from the block input (`bc_proj`), of width
+    heads·head_dim and state size num_kv_heads·head_dim (override `state_size` for less),
+    initialised by `init_from_attention`. `config_overrides` go to SpikingMambaConfig (conv_kernel,
+    scan_backend, state_size, ...).
+    """
+    teacher = _transformer_teacher(teacher)
+    tc = teacher.config
+    keep = sorted(set(int(i) for i in (config_overrides.pop("attention_layers", None) or keep_attention)))
+    bad = [i for i in keep if not 0 <= i < tc.num_hidden_layers]
+    if bad:
+        raise ValueError(f"keep_attention: {bad[0]} is not a layer id of the teacher (0..{tc.num_hidden_layers - 1})")
+    heads, kv_heads = tc.num_attention_heads, tc.num_key_value_heads or tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    if (heads * head_dim) % tc.hidden_size:
+        raise ValueError(f"from_transformer: heads·head_dim = {heads * head_dim} is not a multiple of hidden_size {tc.hidden_size}")
+    fields = dict(
+        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_hidden_layers=tc.num_hidden_layers,
+        state_size=kv_heads * head_dim, expand=heads * head_dim // tc.hidden_size, conv_kernel=4,
+        use_bias=False, use_conv_bias=True, layer_norm_epsilon=tc.rms_norm_eps, residual_in_fp32=False,
+        tie_word_embeddings=tc.tie_word_embeddings, pad_token_id=tc.pad_token_id, bos_token_id=tc.bos_token_id,
+        eos_token_id=tc.eos_token_id, initializer_range=tc.initializer_range, mlp_intermediate_size=tc.intermediate_size,
+        bc_proj=True, attention_layers=keep,
+        attention=dict(
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, attention_bias=False,
+            attention_dropout=tc.attention_dropout, rope_parameters=dict(tc.rope_parameters),
+            max_position_embeddings=tc.max_position_embeddings,
+        ),
+    )
+    unknown = sorted(set(config_overrides) - set(fields) - _SPIKING_KEYS - {"conv_kernel", "time_step_rank"})
+    if unknown:
+        raise ValueError(f"from_transformer: unknown config override {unknown[0]!r}")
+    config = SpikingMambaConfig(**(fields | config_overrides | {"neurons": dict(neurons or {})}))
+    parameter = next(teacher.parameters())
+    student = SpikingMambaForCausalLM(config).to(device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        source = teacher.model
+        student.backbone.embeddings.weight.copy_(source.embed_tokens.weight)
+        student.backbone.norm_f.weight.copy_(source.norm.weight)
+        if not config.tie_word_embeddings:
+            student.lm_head.weight.copy_(teacher.lm_head.weight)
+        for i, (block, layer) in enumerate(zip(student.backbone.layers, source.layers)):
+            block.norm.load_state_dict(layer.input_layernorm.state_dict())
+            block.mlp_norm.load_state_dict(layer.post_attention_layernorm.state_dict())
+            for name in ("gate_proj", "up_proj", "down_proj"):  # the student's MLP may hold neurons too
+                getattr(block.mlp, name).weight.copy_(getattr(layer.mlp, name).weight)
+            if i in keep:
+                block.mixer.load_state_dict(layer.self_attn.state_dict())
+            else:
+                init_from_attention(block.mixer, layer.self_attn, heads, kv_heads, head_dim)
+    student.config._name_or_path = tc._name_or_path
     if calibration_batches is not None:
         calibrate(student, calibration_batches)
     return student
@@ -185,6 +323,8 @@ def to_hf_mamba(model: SpikingMambaForCausalLM) -> MambaForCausalLM:
         raise ValueError(f"to_hf_mamba: the model has neurons {sorted(config.neurons)}; HF Mamba has none")
     if config.mlp_intermediate_size is not None:
         raise ValueError("to_hf_mamba: the model has an MLP (mlp_intermediate_size set); HF Mamba has none")
+    if config.bc_proj or config.attention_layers:
+        raise ValueError("to_hf_mamba: the model was converted from a Transformer (bc_proj / kept attention); HF Mamba has neither")
     fields = {
         k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING_KEYS and k not in _SPIKING_KEYS
     }
@@ -273,4 +413,4 @@ def load_deployed(folder: str | Path, **kwargs) -> torch.nn.Module:
     return model.eval()
 
 
-__all__ = ["calibrate", "from_teacher", "load_deployed", "to_hf_mamba", "upgrade_folder"]
+__all__ = ["LLAMA_LAYOUT", "calibrate", "from_teacher", "from_transformer", "init_from_attention", "is_transformer", "load_deployed", "to_hf_mamba", "upgrade_folder"]

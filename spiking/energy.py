@@ -1,4 +1,5 @@
-"""Energy per token of a (spiking) Mamba LM: operation and memory counts times a named cost model.
+"""Energy per token of a (spiking) Mamba LM, a Llama teacher or a hybrid with kept attention layers:
+operation and memory counts times a named cost model.
 
 Every figure names its cost model (methods.md §8, §10):
 
@@ -14,16 +15,19 @@ Every figure names its cost model (methods.md §8, §10):
   tokens (``batch=1``: single-stream decode, every token reads every weight it needs).
 
 Counted per token, per block (sizes read from the model's own modules, so HF
-``MambaForCausalLM`` and ``SpikingMambaForCausalLM`` are counted by the same code):
+``MambaForCausalLM``, ``SpikingMambaForCausalLM`` and HF ``LlamaForCausalLM`` are counted by the
+same code):
 
 =================  ==========================================================================
 op                 compute (d = hidden, E = d_inner, N = d_state, R = dt_rank, K = d_conv)
 =================  ==========================================================================
 norm               RMSNorm: d MAC (sum of squares) + 2·d Mul (normalise, weight)
 in_proj            dense d·2E MAC, or spiking Σ|s|·2E AC; bias: 2E AC
+bc_proj            (when the mixer has one: B, C from the block input) dense d·2N MAC, or spiking
+                   Σ|s|·2N AC with in_proj's input spikes; x_proj then outputs R features only
 conv1d             E·K MAC (depthwise); bias: E AC
 conv_silu          SiLU = sigmoid + product: 2·E Mul
-x_proj             E·(R+2N) MAC, or Σ|s|·(R+2N) AC
+x_proj             E·n_out MAC, or Σ|s|·n_out AC; n_out = R+2N (R with bc_proj)
 dt_proj            R·E MAC, or Σ|s|·E AC; + E AC (bias)
 dt_softplus        E Mul (a transcendental function counts as one Mul: a lower bound)
 discretize_A       Ā = exp(Δ·A): 2·E·N Mul
@@ -36,6 +40,35 @@ out_proj           dense E·d MAC, or Σ|s|·d AC; bias: d AC
 residual           d AC
 mlp.*              (when the block has an MLP) norm, gate_proj/up_proj (d·F each), SiLU·up
                    (3·F Mul), down_proj (F·d), residual
+=================  ==========================================================================
+
+An attention block (a Llama decoder layer, or a SpikingMambaBlock whose mixer is a kept
+``LlamaAttention``: never spiking) replaces the mixer ops by the ones below (norm, residual and
+mlp.* as above; a Llama layer's post_attention_layernorm is mlp.norm), with h = query heads,
+kv = key/value heads, dh = head_dim and c = the keys a token's query attends to (its context):
+
+=================  ==========================================================================
+op                 compute
+=================  ==========================================================================
+q_proj             d·h·dh MAC (+ h·dh AC bias); k_proj, v_proj: d·kv·dh MAC each; o_proj h·dh·d
+rope               rotate q and k: x·cos + rot(x)·sin = (h+kv)·dh·(2 Mul + 1 AC); the cos/sin
+                   table is shared by every layer and read, not computed
+attn_scores        QKᵀ: h·dh·c MAC; the 1/√dh scale is folded into q_proj's weights (exact,
+                   RoPE is linear): not counted
+attn_softmax       exp h·c Mul + sum h·c AC + normalise h·c Mul (the max subtraction not counted)
+attn_values        AV: h·dh·c MAC
+residual           d AC
+=================  ==========================================================================
+
+The attention ops grow linearly with c; a Mamba block's do not. ``context`` (energy_report,
+measure) sets c; by default the mean number of keys per real token of the measured batches under
+causal attention (the k-th real token of a row attends k keys). Memory (methods.md §12): the KV
+cache is per-sequence state like the SSM state, counted on chip: c keys and c values read and the
+new token's key and value written per token, 2·(c+1)·kv·dh values.
+
+=================  ==========================================================================
+op                 compute (neurons and the head, in every model)
+=================  ==========================================================================
 <placement>.neuron per neuron input element: 1 Mul (x/V) + one AC per micro-step (SI-LIF D,
                    ATMN T): the membrane update. The output scale y = s·V folds into the next
                    layer's weights and costs nothing.
@@ -52,7 +85,8 @@ op is in `_traffic` (methods.md §10).
 Usage: ``measure(model, batches, cost)`` (runs the model, returns the report and the spike
 counts); ``estimate_energy(model, input_ids, attention_mask).summary()``;
 ``energy_ratio(teacher, student, input_ids)`` = E_teacher / E_student per token;
-``project(config, rates, cost)``: the same count at another shape from measured rates.
+``project(config, rates, cost)``: the same count at another shape from measured rates;
+``energy_report(..., context=c)``: the same spike counts at another attention context.
 """
 
 from __future__ import annotations
@@ -80,6 +114,7 @@ __all__ = [
     "spiking_linear_ops",
     "rms_norm_ops",
     "neuron_ops",
+    "attention_ops",
     "estimate_energy",
     "energy_report",
     "energy_ratio",
@@ -88,6 +123,7 @@ __all__ = [
     "placement_rates",
     "project",
     "break_even",
+    "has_attention",
     "spike_costs",
 ]
 
@@ -96,7 +132,7 @@ MEMORY_NOTE = "memory access is not counted (compute only: MAC, AC and Mul opera
 # Neuron placement (module type) -> the ops of `_block_ops` its neuron feeds, plus the neuron itself:
 # what a spiking input at that placement turns from MACs into ACs.
 MODULE_OPS: dict[str, tuple[str, ...]] = {
-    "in_proj": ("in_proj", "in_proj.neuron"),
+    "in_proj": ("in_proj", "bc_proj", "in_proj.neuron"),  # bc_proj (when present) reads the same input
     "x_proj": ("x_proj", "x_proj.neuron"),
     "dt_proj": ("dt_proj", "dt_proj.neuron"),
     "out_proj": ("out_proj", "out_proj.neuron"),
@@ -321,6 +357,7 @@ class EnergyReport:
     firing_rate: float | None
     ops_counted: list[str]
     notes: list[str]
+    context: float | None = None  # keys attended per token by the attention layers; None: no attention
 
     @property
     def total(self) -> OpCount:
@@ -338,8 +375,9 @@ class EnergyReport:
         fr = "dense" if self.firing_rate is None else f"firing rate {self.firing_rate:.4f}"
         memory = f", SRAM {t.sram_bytes:.4g} B, DRAM {t.dram_bytes:.4g} B" if self.cost.memory else ""
         note = "" if self.cost.memory else f"; {MEMORY_NOTE}"
+        context = "" if self.context is None else f"; attention context {self.context:g} keys"
         return (
-            f"{self.pj_per_token / 1e6:.4f} µJ/token ({fr}; MAC {t.mac:.4g}, AC {t.ac:.4g}, "
+            f"{self.pj_per_token / 1e6:.4f} µJ/token ({fr}{context}; MAC {t.mac:.4g}, AC {t.ac:.4g}, "
             f"Mul {t.mul:.4g}{memory} per token) [{self.cost.describe()}{note}]"
         )
 
@@ -351,6 +389,7 @@ class EnergyReport:
             "tokens": self.tokens,
             "spiking": self.spiking,
             "firing_rate": self.firing_rate,
+            "context": self.context,
             "total": {"mac": t.mac, "ac": t.ac, "mul": t.mul, "sram_bytes": t.sram_bytes, "dram_bytes": t.dram_bytes,
                       "pj_per_token": self.pj_per_token},
             "layers": [layer.to_dict() for layer in self.layers],
@@ -362,10 +401,71 @@ class EnergyReport:
 # --- model walk -------------------------------------------------------------------------------
 
 
+def _backbone_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the backbone, its blocks): ``.backbone.layers`` (HF / Spiking Mamba) or ``.model.layers`` (HF Llama)."""
+    for attr in ("backbone", "model"):
+        backbone = getattr(model, attr, None)
+        if isinstance(backbone, nn.Module) and hasattr(backbone, "layers"):
+            return backbone, backbone.layers
+    raise ValueError(
+        f"model {type(model).__name__} has no .backbone.layers (nor .model.layers): expected MambaForCausalLM, "
+        "SpikingMambaForCausalLM or LlamaForCausalLM"
+    )
+
+
+def _attention(block: nn.Module) -> nn.Module | None:
+    """The block's attention module: a Llama decoder layer's ``self_attn``, or a kept-attention mixer
+    (a ``LlamaAttention`` in a SpikingMambaBlock: it has q_proj, a Mamba mixer has not); else None."""
+    attn = getattr(block, "self_attn", None)
+    if attn is None:
+        mixer = getattr(block, "mixer", None)
+        attn = mixer if mixer is not None and hasattr(mixer, "q_proj") else None
+    return attn
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether any block of ``model`` is an attention layer (its energy per token then depends on the context)."""
+    return any(_attention(block) is not None for block in _backbone_layers(model)[1])
+
+
+def attention_ops(attn: nn.Module, context: float, memory: MemoryCosts | None) -> dict[str, OpCount]:
+    """Per-op counts, one token, of an attention module (LlamaAttention: q/k/v/o_proj, RoPE, GQA)
+    whose query attends ``context`` keys (the module docstring's table; memory: methods.md §12).
+
+    Sizes from the module: dh = head_dim, h = q_proj outputs / dh, kv = k_proj outputs / dh. The KV
+    cache is per-sequence state like the SSM state (on chip): c keys and c values read, the new
+    token's key and value written.
+    """
+    dh = attn.head_dim
+    h, kv = attn.q_proj.out_features // dh, attn.k_proj.out_features // dh
+    c = float(context)
+    ops = {name: _linear(getattr(attn, name), None, memory) for name in ("q_proj", "k_proj", "v_proj")}
+    # x·cos + rotate_half(x)·sin per element of q and k; cos / sin: one row of the shared table
+    ops["rope"] = _traffic(OpCount(mul=float(2 * (h + kv) * dh), ac=float((h + kv) * dh)), memory,
+                           reads=(h + kv) * dh + 2 * dh, writes=(h + kv) * dh)
+    # QKᵀ, 1/√dh folded into q_proj (exact: RoPE is linear); K cache: c keys read, the new one written
+    ops["attn_scores"] = _traffic(OpCount(mac=h * dh * c), memory, reads=h * dh, writes=h * c, state=(c + 1) * kv * dh)
+    # exp (one Mul, as every transcendental), the sum, the normalisation
+    ops["attn_softmax"] = _traffic(OpCount(mul=2 * h * c, ac=h * c), memory, reads=h * c, writes=h * c)
+    ops["attn_values"] = _traffic(OpCount(mac=h * dh * c), memory, reads=h * c, writes=h * dh, state=(c + 1) * kv * dh)
+    ops["o_proj"] = _linear(attn.o_proj, None, memory)
+    return ops
+
+
 def _block_ops(block: nn.Module, rates: dict[str, PlacementRates], neuron_steps: dict[str, tuple[int, int]],
-               memory: MemoryCosts | None) -> dict:
-    """Per-op counts for one Mamba block; ``rates`` = placement -> its spike rates for the placements
-    that are spiking in this block (absent = dense)."""
+               memory: MemoryCosts | None, context: float | None = None) -> dict:
+    """Per-op counts for one block (Mamba, or attention at ``context`` keys per token); ``rates`` =
+    placement -> its spike rates for the placements that are spiking in this block (absent = dense)."""
+    attn = _attention(block)
+    if attn is not None:
+        d = attn.q_proj.in_features
+        ops = {"norm": rms_norm_ops(d, memory)}
+        for placement, (channels, steps) in neuron_steps.items():  # the MLP's, if any: attention has none
+            if placement in rates:
+                ops[f"{placement}.neuron"] = neuron_ops(channels, steps, memory)
+        ops.update(attention_ops(attn, context, memory))
+        ops["residual"] = _traffic(OpCount(ac=float(d)), memory, reads=2 * d, writes=d)
+        return _mlp_ops(block, d, rates, memory, ops)
     mixer = block.mixer
     d = mixer.in_proj.in_features
     E = mixer.in_proj.out_features // 2
@@ -377,6 +477,9 @@ def _block_ops(block: nn.Module, rates: dict[str, PlacementRates], neuron_steps:
         if placement in rates:
             ops[f"{placement}.neuron"] = neuron_ops(channels, steps, memory)
     ops["in_proj"] = _linear(mixer.in_proj, rates.get("in_proj"), memory)
+    bc_proj = getattr(mixer, "bc_proj", None)
+    if bc_proj is not None:  # B, C from the block input: fed by in_proj's input (and its neuron's spikes)
+        ops["bc_proj"] = _linear(bc_proj, rates.get("in_proj"), memory)
     ops["conv1d"] = _traffic(OpCount(mac=float(E * K), ac=float(E if conv_bias else 0)), memory,
                              weights=E * K + (E if conv_bias else 0), reads=E, state=E * K)  # the K-window conv state
     ops["conv_silu"] = _traffic(OpCount(mul=float(2 * E)), memory, reads=E, writes=E)
@@ -391,7 +494,11 @@ def _block_ops(block: nn.Module, rates: dict[str, PlacementRates], neuron_steps:
     ops["gate"] = _traffic(OpCount(mul=float(3 * E)), memory, reads=2 * E, writes=E)
     ops["out_proj"] = _linear(mixer.out_proj, rates.get("out_proj"), memory)
     ops["residual"] = _traffic(OpCount(ac=float(d)), memory, reads=2 * d, writes=d)
+    return _mlp_ops(block, d, rates, memory, ops)
 
+
+def _mlp_ops(block: nn.Module, d: int, rates: dict[str, PlacementRates], memory: MemoryCosts | None, ops: dict) -> dict:
+    """`ops` plus the block's gated MLP (SpikingMambaMLP or LlamaMLP: the same names), if it has one."""
     mlp = getattr(block, "mlp", None)
     if mlp is not None:
         F = mlp.up_proj.out_features
@@ -415,19 +522,46 @@ def _forward_inputs(batch) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
 
 
+def _causal_context(inputs: list[dict]) -> float:
+    """Mean keys attended per real token under causal attention over batches of model kwargs: the
+    k-th real token of its row (padding not counted) attends k keys, so an unpadded row of L tokens
+    averages (L+1)/2."""
+    keys = tokens = 0
+    for batch in inputs:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(torch.long)
+        keys += int((mask.cumsum(-1) * mask).sum())
+        tokens += int(mask.sum())
+    if tokens == 0:
+        raise ValueError("no real tokens to take the attention context from")
+    return keys / tokens
+
+
+def _default_context(model: nn.Module, inputs: list[dict], context: float | None) -> float | None:
+    """`context`, or for a model with attention the causal mean of the measured tokens (what its
+    forward computed); None for an attention-free model (nothing depends on it)."""
+    if context is not None or not has_attention(model):
+        return context
+    return _causal_context(inputs)
+
+
 def _is_spiking(model: nn.Module) -> bool:
     """The model has neurons and runs them (config.spiking not switched off)."""
     return any(True for _ in iter_neurons(model)) and bool(getattr(model.config, "spiking", True))
 
 
 @torch.no_grad()
-def measure(model: nn.Module, batches, cost: CostTable = HOROWITZ_45NM) -> tuple[EnergyReport, SpikeStats | None]:
+def measure(model: nn.Module, batches, cost: CostTable = HOROWITZ_45NM, context: float | None = None
+            ) -> tuple[EnergyReport, SpikeStats | None]:
     """Spike counts and energy per token of ``model`` on held-out tokens, as deployed (eval mode).
 
     ``batches``: one ``input_ids [B, L]`` tensor, or a list of such tensors or of dicts with
     ``input_ids`` and ``attention_mask`` (padding is then not counted). One forward per batch,
     without a cache, inside one ``count_spikes`` tally; a dense model needs no forward and gets
-    ``None`` for the stats. Returns ``(EnergyReport, SpikeStats | None)``.
+    ``None`` for the stats. ``context``: keys attended per token by attention layers (None: the
+    causal mean over the batches' real tokens, `_causal_context`). Returns
+    ``(EnergyReport, SpikeStats | None)``.
     """
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     inputs = [_forward_inputs(batch) for batch in batches]
@@ -443,7 +577,7 @@ def measure(model: nn.Module, batches, cost: CostTable = HOROWITZ_45NM) -> tuple
                     model(**batch, use_cache=False)
         finally:
             model.train(was_training)
-    return energy_report(model, stats, tokens, cost), stats
+    return energy_report(model, stats, tokens, cost, context=_default_context(model, inputs, context)), stats
 
 
 def estimate_energy(
@@ -452,17 +586,21 @@ def estimate_energy(
     attention_mask: torch.Tensor | None = None,
     cost: CostTable = HOROWITZ_45NM,
     stats: SpikeStats | None = None,
+    context: float | None = None,
 ) -> EnergyReport:
     """Energy per token of ``model`` (HF MambaForCausalLM or SpikingMambaForCausalLM).
 
     input_ids / attention_mask ``[B, L]``: the tokens over which spikes are measured (a dense
     model needs no forward). ``stats``: spike counts already collected on these tokens (skips
     the forward). Spiking models are measured as deployed: SGC bypasses are not counted, so a
-    neuron with ``sgc_lambda != 0`` is listed in the notes.
+    neuron with ``sgc_lambda != 0`` is listed in the notes. ``context``: as in `measure` (None: the
+    causal mean over these tokens).
     """
+    inputs = [{"input_ids": input_ids, "attention_mask": attention_mask}]
     if stats is None and _is_spiking(model):
-        return measure(model, [{"input_ids": input_ids, "attention_mask": attention_mask}], cost)[0]
-    return energy_report(model, stats, _count_tokens(input_ids, attention_mask), cost)
+        return measure(model, inputs, cost, context)[0]
+    context = _default_context(model, inputs, context)
+    return energy_report(model, stats, _count_tokens(input_ids, attention_mask), cost, context=context)
 
 
 def _neuron_rates(record: dict, channels: int) -> PlacementRates:
@@ -494,20 +632,29 @@ def energy_report(
     *,
     rates: dict[str, PlacementRates] | None = None,
     scale: float = 1.0,
+    context: float | None = None,
 ) -> EnergyReport:
     """The per-layer op and byte counts of ``model``, its spiking layers costed from ``stats`` (the
     counts of a forward over ``tokens`` tokens; None for a dense model), or from per-placement
     ``rates`` (a projection: no forward, e.g. a model on the meta device). ``scale`` multiplies
     every spike figure (active fractions capped at 1): the student at ``scale`` × its firing rate,
-    for the break-even search."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or not hasattr(backbone, "layers"):
+    for the break-even search. ``context``: keys each token's query attends in the attention
+    layers; required when the model has any (no tokens here to take it from), ignored otherwise.
+    The spike counts do not depend on it: the same ``stats`` at another context is the energy at
+    that context."""
+    backbone, blocks = _backbone_layers(model)
+    attention = any(_attention(block) is not None for block in blocks)
+    if attention and context is None:
         raise ValueError(
-            f"model {type(model).__name__} has no .backbone.layers: expected MambaForCausalLM or "
-            "SpikingMambaForCausalLM"
+            f"energy_report: {type(model).__name__} has attention layers, whose cost grows with the keys each token "
+            "attends: pass context= (keys per token), or use measure / estimate_energy, which take it from the tokens"
         )
+    if attention and not context > 0:
+        raise ValueError(f"energy_report: context must be > 0 keys per token, got {context}")
     memory = cost.memory
     notes = [MEMORY_NOTE if memory is None else "memory traffic counted (methods.md §10)", f"cost table {cost.describe()}"]
+    if attention:
+        notes.append(f"attention counted at a context of {context:g} keys per token (its cost grows linearly with it)")
     neurons = list(iter_neurons(model))
     spiking = _is_spiking(model)
     if neurons and not spiking:
@@ -543,7 +690,7 @@ def energy_report(
 
     layers: list[LayerEnergy] = []
     fr_nonzero, fr_elements = 0.0, 0.0
-    for index, block in enumerate(backbone.layers):
+    for index, block in enumerate(blocks):
         block_rates: dict[str, PlacementRates] = {}
         neuron_steps: dict[str, tuple[int, int]] = {}
         nonzero, elements = 0.0, 0.0
@@ -562,7 +709,7 @@ def energy_report(
             LayerEnergy(
                 name=f"layers.{index}",
                 index=index,
-                ops=_block_ops(block, block_rates, neuron_steps, memory),
+                ops=_block_ops(block, block_rates, neuron_steps, memory, context),
                 cost=cost,
                 spikes_per_token={p: r.spikes * neuron_steps[p][0] for p, r in block_rates.items()},
                 firing_rate=(nonzero / elements) if elements else None,
@@ -583,7 +730,7 @@ def energy_report(
         firing = stats.firing_rate
     else:
         firing = fr_nonzero / fr_elements if fr_elements else None
-    return EnergyReport(cost, layers, tokens, spiking, firing, ops_counted, notes)
+    return EnergyReport(cost, layers, tokens, spiking, firing, ops_counted, notes, context if attention else None)
 
 
 def _head_layer(model: nn.Module, backbone: nn.Module, cost: CostTable, spiking: bool, rates_of) -> tuple[LayerEnergy, float, float]:
@@ -623,10 +770,12 @@ def energy_ratio(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     cost: CostTable = HOROWITZ_45NM,
+    context: float | None = None,
 ) -> float:
-    """Energy benefit ``E_teacher / E_student`` per token, both measured on the same tokens."""
-    e_teacher = estimate_energy(teacher, input_ids, attention_mask, cost).pj_per_token
-    e_student = estimate_energy(student, input_ids, attention_mask, cost).pj_per_token
+    """Energy benefit ``E_teacher / E_student`` per token, both measured on the same tokens (and, for
+    attention layers, at the same ``context``: None = the causal mean over these tokens)."""
+    e_teacher = estimate_energy(teacher, input_ids, attention_mask, cost, context=context).pj_per_token
+    e_student = estimate_energy(student, input_ids, attention_mask, cost, context=context).pj_per_token
     return e_teacher / e_student
 
 
@@ -642,24 +791,28 @@ def energy_shares(report: EnergyReport) -> dict[str, float]:
     return shares
 
 
-def project(config, rates: dict[str, PlacementRates], cost: CostTable = HOROWITZ_45NM) -> EnergyReport:
+def project(config, rates: dict[str, PlacementRates], cost: CostTable = HOROWITZ_45NM,
+            context: float | None = None) -> EnergyReport:
     """Energy per token of a model of `config` (a SpikingMambaConfig, any size) whose neurons fire
     at the measured per-placement `rates`: built on the meta device (no weights), counted with the
-    same `energy_report`. A projection, labelled as one in its notes."""
+    same `energy_report`, at `context` keys per token if the config has attention layers. A
+    projection, labelled as one in its notes."""
     from spiking.modeling import SpikingMambaForCausalLM
 
     with torch.device("meta"):
         model = SpikingMambaForCausalLM(config)
-    return energy_report(model, None, 1, cost, rates=rates)
+    return energy_report(model, None, 1, cost, rates=rates, context=context)
 
 
-def break_even(teacher_pj: float, model: nn.Module, stats: SpikeStats, cost: CostTable, tol: float = 1e-4) -> float | None:
+def break_even(teacher_pj: float, model: nn.Module, stats: SpikeStats, cost: CostTable, tol: float = 1e-4,
+               context: float | None = None) -> float | None:
     """The overall firing rate at which the student's energy per token under `cost` equals
     `teacher_pj` (its measured spike figures scaled by one factor k; bisection on k), or None when
     even zero spikes cost more than the teacher (the dense rest alone does), or 1.0 when the student
-    is cheaper at every firing rate up to 1 (every element spiking)."""
+    is cheaper at every firing rate up to 1 (every element spiking). `context`: the attention
+    layers' keys per token (a hybrid student; the one `teacher_pj` was counted at)."""
     def energy(k: float) -> float:
-        return energy_report(model, stats, 1, cost, scale=k).pj_per_token
+        return energy_report(model, stats, 1, cost, scale=k, context=context).pj_per_token
 
     rate = stats.firing_rate
     if energy(0.0) >= teacher_pj:
@@ -677,7 +830,7 @@ def spike_costs(model: nn.Module, cost: CostTable = HOROWITZ_45NM) -> dict[str, 
     """Neuron module name -> pJ one of its spikes costs downstream: the ACs it triggers (one per
     output of every linear layer it feeds, `MODULE_OPS`) at `cost`'s AC energy. What a spike-energy
     penalty weighs each neuron's spikes by (methods.md §9): an in_proj spike adds 2E weights, a
-    dt_proj spike E, a head spike the whole vocabulary."""
+    dt_proj spike E, a head spike the whole vocabulary (an in_proj spike 2E + 2N with bc_proj)."""
     modules = dict(model.named_modules())
     costs = {}
     for name, neuron in iter_neurons(model):
@@ -691,5 +844,7 @@ def spike_costs(model: nn.Module, cost: CostTable = HOROWITZ_45NM) -> dict[str, 
             fan_out = owner.down_proj.out_features
         else:
             fan_out = getattr(owner, placement).out_features
+            if placement == "in_proj" and getattr(owner, "bc_proj", None) is not None:
+                fan_out += owner.bc_proj.out_features  # the same spikes feed bc_proj
         costs[name] = fan_out * cost.ac_pj
     return costs

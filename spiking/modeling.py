@@ -11,6 +11,11 @@ Per block (B batch, L tokens, H hidden, D = expand·H mixer channels, N state):
                                                        └─ z ─────────────────────────── y · SiLU(z) ─ neuron(out_proj) ─ out_proj
     + residual; optional gated MLP (own RMSNorm, neurons on mlp.up and mlp.down inputs) + residual
 
+A student converted from a Transformer (`spiking.from_transformer`, methods.md §13) has two more
+kinds of block: a mixer with `bc_proj` (B and C projected from the block input, where the teacher's
+keys and queries were copied, x_proj then yielding Δ only), and, for ids in `attention_layers`,
+transformers' own `LlamaAttention` as the mixer (a kept attention layer; a KV cache in generation).
+
 Generation is recurrent: the cache (HF `DynamicCache` with one linear-attention layer per block)
 holds the last `conv_kernel` conv inputs and the SSM state [B, D, N] per layer, so each new token
 costs the same memory and time whatever the length. Neurons act per token (no state across
@@ -32,12 +37,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MambaConfig
+from transformers import LlamaConfig, MambaConfig
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 from transformers.utils import ModelOutput
 
 from .fused_step import decode_step
@@ -76,6 +82,13 @@ class SpikingMambaConfig(MambaConfig):
     mlp_intermediate_size: width of an optional gated MLP after the mixer in each block (None = none).
         Not `intermediate_size`: MambaConfig already uses that name for the mixer width expand·H.
     scan_backend: "auto" | "ref" | "cpu" | "triton" | "mamba_ssm" (see `spiking/scan.py`).
+    bc_proj: B and C are projected from the block input (a `bc_proj` linear beside in_proj), not from the
+        conv output through x_proj (which then yields Δ only): MambaInLlama's Mamba-1 mixer, the shape an
+        attention layer's keys and queries map onto (`spiking.from_transformer`, methods.md §13).
+    attention_layers: ids of blocks whose mixer is kept as the teacher's attention (a hybrid student;
+        generation keeps a KV cache for them). Those blocks carry no neurons.
+    attention: the attention layers' settings, `LlamaConfig` fields (num_attention_heads,
+        num_key_value_heads, head_dim, attention_bias, rope_parameters, max_position_embeddings).
     """
 
     model_type = "spiking_mamba"
@@ -84,6 +97,9 @@ class SpikingMambaConfig(MambaConfig):
     spiking: bool = True
     mlp_intermediate_size: int | None = None
     scan_backend: str = "auto"
+    bc_proj: bool = False
+    attention_layers: list = field(default_factory=list)
+    attention: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -104,6 +120,25 @@ class SpikingMambaConfig(MambaConfig):
             raise ValueError(f"mlp_intermediate_size must be >= 1 or None, got {self.mlp_intermediate_size}")
         if self.scan_backend not in SCAN_BACKENDS:
             raise ValueError(f"scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        bad = [i for i in self.attention_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"attention_layers: {bad[0]!r} is not a layer id in 0..{self.num_hidden_layers - 1}")
+        if self.attention_layers and not self.attention:
+            raise ValueError("attention_layers needs `attention` (the attention layers' LlamaConfig fields)")
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Per layer, the cache it needs: a KV cache for kept attention, the conv + SSM state otherwise."""
+        return ["full_attention" if i in self.attention_layers else "linear_attention" for i in range(self.num_hidden_layers)]
+
+    def attention_config(self) -> LlamaConfig:
+        """The kept attention layers' config (transformers' own attention module runs them)."""
+        config = LlamaConfig(
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers, vocab_size=self.vocab_size,
+            rms_norm_eps=self.layer_norm_epsilon, **self.attention,
+        )
+        config._attn_implementation = "sdpa"  # exact softmax attention, PyTorch's fused kernel
+        return config
         # config.auto_map ("modeling.SpikingMambaConfig", HF's "<file>.<Class>" form) is written at
         # save time by register_for_auto_class (end of this file), together with the code files.
 
@@ -170,7 +205,10 @@ class SpikingMambaMixer(_NeuronOwner, nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act: only 'silu' is supported (Mamba's), got {config.hidden_act!r}")
         self.in_proj = nn.Linear(self.hidden_size, self.intermediate_size * 2, bias=config.use_bias)
-        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + self.ssm_state_size * 2, bias=False)
+        # with bc_proj, B and C come from the block input (MambaInLlama's layout) and x_proj yields Δ only
+        self.bc_proj = nn.Linear(self.hidden_size, self.ssm_state_size * 2, bias=False) if config.bc_proj else None
+        x_proj_out = self.time_step_rank + (0 if config.bc_proj else self.ssm_state_size * 2)
+        self.x_proj = nn.Linear(self.intermediate_size, x_proj_out, bias=False)
         self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.ssm_state_size))
         self.D = nn.Parameter(torch.empty(self.intermediate_size))
@@ -235,7 +273,10 @@ class SpikingMambaMixer(_NeuronOwner, nn.Module):
 
         # 1. input projection (neuron on its input); padded positions are zeroed first
         hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
-        projected = self.in_proj(self.spike("in_proj", hidden_states)).transpose(1, 2)  # [B, 2D, L]
+        spikes_in = self.spike("in_proj", hidden_states)
+        projected = self.in_proj(spikes_in).transpose(1, 2)  # [B, 2D, L]
+        if self.bc_proj is not None:  # B, C [B, L, N] from the same (spiking) input as in_proj
+            B, C = self.bc_proj(spikes_in).chunk(2, dim=-1)
         x, gate = projected.chunk(2, dim=1)  # [B, D, L] each
         A = -torch.exp(self.A_log.float())  # [D, N]
 
@@ -256,11 +297,14 @@ class SpikingMambaMixer(_NeuronOwner, nn.Module):
 
         # 3. input-dependent Δ, B, C; padded positions zeroed again so the state stays 0 through left padding
         x = apply_mask_to_padding_states(x.transpose(1, 2), attention_mask)  # [B, L, D]
-        time_step, B, C = torch.split(
-            self.x_proj(self.spike("x_proj", x)),
-            [self.time_step_rank, self.ssm_state_size, self.ssm_state_size],
-            dim=-1,
-        )
+        if self.bc_proj is None:
+            time_step, B, C = torch.split(
+                self.x_proj(self.spike("x_proj", x)),
+                [self.time_step_rank, self.ssm_state_size, self.ssm_state_size],
+                dim=-1,
+            )
+        else:
+            time_step = self.x_proj(self.spike("x_proj", x))
         # the module is called (HF reads dt_proj.weight): a LoRA adapter / ZeRO-3 hook on it then takes effect
         time_step = self.dt_proj(self.spike("dt_proj", time_step)).transpose(1, 2)  # [B, D, L], bias included
 
@@ -289,11 +333,11 @@ class SpikingMambaMixer(_NeuronOwner, nn.Module):
         # 5. output projection (neuron on its input)
         if fused_neuron is not None:
             # one kernel: y·SiLU(z) -> neuron -> [B, L, D]; V through threshold_for keeps LSQ's gradient scale
-            spikes_in = gate_neuron(
+            spikes_out = gate_neuron(
                 y, gate, fused_neuron.threshold_for(y), fused_neuron.kind, fused_neuron.levels(), fused_neuron.sgc_lambda,
                 out_dtype=dtype, backend=backend,
             )
-            return self.out_proj(spikes_in)
+            return self.out_proj(spikes_out)
         y = y.transpose(1, 2).to(dtype)  # [B, L, D]
         return self.out_proj(self.spike("out_proj", y))
 
@@ -333,27 +377,66 @@ class SpikingMambaMLP(_NeuronOwner, nn.Module):
         return self.down_proj(self.spike("mlp.down", F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
+@dataclass
+class AttentionInputs:
+    """What kept attention layers need beyond the hidden states: RoPE's (cos, sin) for the new
+    tokens' positions and the additive mask [B | 1, 1, L, past + L] (causal, padded keys hidden)."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor
+
+
+def attention_mask_4d(mask: torch.Tensor | None, batch: int, length: int, past: int, dtype, device) -> torch.Tensor:
+    """Additive causal mask for `length` new tokens after `past` cached ones: 0 where a query may
+    look, dtype-min elsewhere (not -inf: a fully padded query row then stays finite, as in HF).
+    `mask` [B, past + length] (1 = real token) hides padded keys; None = no padding."""
+    keys = past + length
+    allowed = (torch.arange(keys, device=device)[None, :] <= torch.arange(past, keys, device=device)[:, None])[None, None]
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, -keys:].bool()
+    else:
+        allowed = allowed.expand(batch, 1, length, keys)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class SpikingMambaBlock(GradientCheckpointingLayer):
-    """Pre-norm residual block: x + mixer(norm(x)) [+ mlp(mlp_norm(·))]; residual in fp32 if configured."""
+    """Pre-norm residual block: x + mixer(norm(x)) [+ mlp(mlp_norm(·))]; residual in fp32 if configured.
+
+    The mixer is Mamba's, or, for a layer in `config.attention_layers`, transformers' `LlamaAttention`
+    (a kept attention layer of a hybrid student: the teacher's own module and weights, no neurons)."""
 
     def __init__(self, config: SpikingMambaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = SpikingMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mixer = SpikingMambaMixer(config, layer_idx=layer_idx)
+        self.is_attention = layer_idx in config.attention_layers
+        if self.is_attention:
+            self.mixer = LlamaAttention(config.attention_config(), layer_idx=layer_idx)
+        else:
+            self.mixer = SpikingMambaMixer(config, layer_idx=layer_idx)
         if config.mlp_intermediate_size is not None:
             self.mlp_norm = SpikingMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
             self.mlp = SpikingMambaMLP(config)
         else:
             self.mlp_norm = self.mlp = None
 
-    def forward(self, hidden_states: torch.Tensor, cache: Cache | None = None, attention_mask=None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, attention_mask=None,
+        attention_inputs: AttentionInputs | None = None,
+    ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        hidden_states = residual + self.mixer(hidden_states, cache=cache, attention_mask=attention_mask)
+        if self.is_attention:
+            mixed, _ = self.mixer(
+                hidden_states, position_embeddings=attention_inputs.position_embeddings,
+                attention_mask=attention_inputs.mask, cache=cache,
+            )
+        else:
+            mixed = self.mixer(hidden_states, cache=cache, attention_mask=attention_mask)
+        hidden_states = residual + mixed
         if self.mlp is not None:
             residual = hidden_states
             hidden_states = self.mlp(self.mlp_norm(hidden_states.to(dtype=self.mlp_norm.weight.dtype)))
@@ -425,7 +508,29 @@ class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
         self.gradient_checkpointing = False
         self.norm_f = SpikingMambaRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.neurons = _make_neurons(config, channels={"head": config.hidden_size})
+        # RoPE for kept attention layers (one table for all, as in LlamaModel)
+        self.rotary_emb = LlamaRotaryEmbedding(config.attention_config()) if config.attention_layers else None
         self.post_init()
+
+    def _attention_inputs(self, hidden: torch.Tensor, cache: Cache | None, mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None) -> AttentionInputs:
+        """RoPE and the mask for the kept attention layers. Positions as in HF Llama: given
+        (generate derives them from the mask, so left padding starts each row at 0), else counted
+        on from the cached length."""
+        batch, length = hidden.shape[:2]
+        past = cache.get_seq_length(self.config.attention_layers[0]) if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=hidden.device)[None].expand(batch, -1)
+        position_ids = position_ids[:, -length:]
+        if mask is not None and mask.shape[1] != past + length:
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} tokens, but the kept attention layers see "
+                f"{past} cached + {length} new: pass the mask over past and new tokens"
+            )
+        return AttentionInputs(
+            position_embeddings=self.rotary_emb(hidden, position_ids),
+            mask=attention_mask_4d(mask, batch, length, past, hidden.dtype, hidden.device),
+        )
 
     def get_input_embeddings(self):
         return self.embeddings
@@ -444,6 +549,7 @@ class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
         attention_mask: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         cache_params: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> SpikingMambaOutput | tuple:
         cache = _pick_cache(cache, past_key_values, cache_params)
@@ -463,6 +569,9 @@ class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         seq_len = inputs_embeds.shape[1]
+        attention_inputs = None
+        if self.rotary_emb is not None:  # kept attention layers read the mask over past + new tokens
+            attention_inputs = self._attention_inputs(inputs_embeds, cache, attention_mask, position_ids)
         if attention_mask is not None:
             # a mask over past + new tokens (as generate keeps it) is cut to the new ones
             attention_mask = attention_mask[:, -seq_len:]
@@ -470,14 +579,18 @@ class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         fused = None
-        if cache is not None and seq_len == 1 and not output_hidden_states:
+        # the fused C++ step knows the plain Mamba block only (no bc_proj, no kept attention)
+        plain = not self.config.bc_proj and not self.config.attention_layers
+        if plain and cache is not None and seq_len == 1 and not output_hidden_states:
             # generation's one-token step: all blocks in one C++ call on CPU when it applies (fused_step.py)
             fused = decode_step(self, hidden_states, cache, attention_mask)
         if fused is not None:
             hidden_states = fused
         else:
             for block in self.layers:
-                hidden_states = block(hidden_states, cache=cache, attention_mask=attention_mask)
+                hidden_states = block(
+                    hidden_states, cache=cache, attention_mask=attention_mask, attention_inputs=attention_inputs
+                )
                 if output_hidden_states:
                     all_hidden_states = all_hidden_states + (hidden_states,)
             hidden_states = self.norm_f(hidden_states)
@@ -535,8 +648,9 @@ class SpikingMambaForCausalLM(SpikingMambaPreTrainedModel, GenerationMixin):
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        if use_cache and not is_first_iteration:
-            # new tokens are never padding, and the one-token step has nothing to mask (HF Mamba does the same)
+        if use_cache and not is_first_iteration and not self.config.attention_layers:
+            # new tokens are never padding, and the one-token step has nothing to mask (HF Mamba does the
+            # same); kept attention layers still need the mask over the cached keys
             model_inputs["attention_mask"] = None
         return model_inputs
 
@@ -552,6 +666,7 @@ class SpikingMambaForCausalLM(SpikingMambaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> SpikingMambaCausalLMOutput | tuple:
         """input_ids [B, L] -> logits [B, L', V] (L' = L, or the kept positions with `logits_to_keep`)."""
@@ -569,6 +684,7 @@ class SpikingMambaForCausalLM(SpikingMambaPreTrainedModel, GenerationMixin):
             return_dict=True,
             use_cache=use_cache,
             attention_mask=attention_mask,
+            position_ids=position_ids,  # read by kept attention layers only: a recurrence needs no positions
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()

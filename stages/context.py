@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -128,26 +128,55 @@ def push_to_hub_field() -> Any:
 
 
 class TeacherArch(StrictModel):
-    """Architecture of a Mamba teacher trained from scratch (HF `MambaConfig` fields)."""
+    """Architecture of a teacher trained from scratch: a Mamba (HF `MambaConfig` fields) or, with
+    `architecture: llama`, a small Transformer (HF `LlamaConfig` fields)."""
 
-    hidden_size: int = Field(128, ge=8, description="residual width d_model")
-    num_hidden_layers: int = Field(4, ge=1, description="number of Mamba blocks")
-    state_size: int = Field(16, ge=1, description="SSM state size N")
-    expand: int = Field(2, ge=1, description="d_inner = expand * hidden_size")
-    conv_kernel: int = Field(4, ge=1, description="causal conv1d width")
-    intermediate_size: int | None = Field(
-        None, ge=1, description="gated MLP width after each mixer (None = plain Mamba, no MLP)"
+    architecture: Literal["mamba", "llama"] = Field(
+        "mamba", description="mamba: MambaForCausalLM; llama: LlamaForCausalLM (attention, RoPE, gated SiLU MLP)"
     )
+    hidden_size: int = Field(128, ge=8, description="residual width d_model")
+    num_hidden_layers: int = Field(4, ge=1, description="number of blocks")
+    state_size: int = Field(16, ge=1, description="mamba: SSM state size N")
+    expand: int = Field(2, ge=1, description="mamba: d_inner = expand * hidden_size")
+    conv_kernel: int = Field(4, ge=1, description="mamba: causal conv1d width")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="gated MLP width after each mixer (mamba: None = plain Mamba, no MLP; "
+        "llama: None = 4 * hidden_size)"
+    )
+    num_attention_heads: int = Field(4, ge=1, description="llama: query heads (hidden_size must divide by it)")
+    num_key_value_heads: int | None = Field(
+        None, ge=1, description="llama: key/value heads (None = num_attention_heads; fewer = grouped-query attention)"
+    )
+    max_position_embeddings: int = Field(2048, ge=1, description="llama: longest context RoPE is set up for")
+
+    @model_validator(mode="after")
+    def _fields_of_one_architecture(self):
+        attention_fields = {"num_attention_heads", "num_key_value_heads", "max_position_embeddings"}
+        mamba_fields = {"state_size", "expand", "conv_kernel"}
+        # a value other than the default (a resolved recipe writes every field, defaults included)
+        foreign = {
+            name for name in (attention_fields if self.architecture == "mamba" else mamba_fields)
+            if getattr(self, name) != type(self).model_fields[name].default
+        }
+        if foreign:
+            raise ValueError(f"{sorted(foreign)[0]} does not apply to architecture {self.architecture!r}")
+        if self.architecture == "llama":
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} must divide by num_attention_heads {self.num_attention_heads}")
+            kv = self.num_key_value_heads or self.num_attention_heads
+            if self.num_attention_heads % kv:
+                raise ValueError(f"num_attention_heads {self.num_attention_heads} must divide by num_key_value_heads {kv}")
+        return self
 
 
 class TeacherSource(StrictModel):
     """Where the teacher comes from: exactly one of `pretrained` or `train_from_scratch`."""
 
     pretrained: str | None = Field(
-        None, description="hub id (state-spaces/mamba-130m-hf) or a local folder with an HF Mamba"
+        None, description="hub id (state-spaces/mamba-130m-hf) or a local folder: an HF Mamba, or a Llama-layout Transformer"
     )
     train_from_scratch: TeacherArch | None = Field(
-        None, description="architecture of a small Mamba trained on the data stage's corpus"
+        None, description="architecture of a small Mamba (or Llama) trained on the data stage's corpus"
     )
 
 

@@ -1,9 +1,11 @@
-"""distill stage: single-stage knowledge distillation from a Mamba teacher into SpikingMamba.
+"""distill stage: single-stage knowledge distillation from the teacher into SpikingMamba.
 
     spikerl run recipes/tiny.yaml --only distill
 
 Student = the teacher's architecture and weights with SI-LIF neurons at the configured placement
-(methods.md §2), thresholds calibrated on a few batches before the first step. The teacher is
+(methods.md §2); for a Transformer teacher, a Mamba whose mixers start from its attention weights
+(`spiking.from_transformer`, methods.md §13; `keep_attention` keeps some layers as attention).
+Thresholds are calibrated on a few batches before the first step. The teacher is
 frozen. Training is the HF `Trainer` with a `compute_loss` override (methods.md §4):
 
     L = w_kl · τ² · KL(p_T ‖ p_S) + w_hid · mean_l MSE(h_T^l, h_S^l) + w_ce · CE(labels)
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from datasets import load_from_disk
 from pydantic import Field
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, set_seed
 
 import spiking
 from stages import tasks
@@ -36,6 +38,7 @@ from stages.training import (
     SGCSchedule,
     TeacherStudentTrainer,
     TrainerKnobs,
+    block_outputs,
     build_training_args,
     check_vocab,
     collate_blocks,
@@ -72,6 +75,10 @@ class Config(TrainerKnobs):
         description="where neurons sit: in_proj, out_proj, x_proj, mlp.up, mlp.down (paper: in_proj, out_proj)",
     )
     sgc: SGCConfig | Literal[False] = Field(default_factory=SGCConfig, description="SGC schedule, or false to train pure spikes")
+    keep_attention: list[int] = Field(
+        default_factory=list, description="Transformer teacher only: layer ids whose attention the student keeps "
+        "(a hybrid, KV cache in generation); every other layer becomes a Mamba mixer initialised from it",
+    )
     loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
     calibration_batches: int = Field(4, ge=1, description="batches used to initialise thresholds before step 1")
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
@@ -161,13 +168,14 @@ class DistillTrainer(TeacherStudentTrainer):
                 s_out = final_hidden(model, batch)
         else:
             s_out = final_hidden(model, batch)
-        # hidden_states (HF Mamba convention): each block's output, then norm_f of the last one;
+        # hidden_states: the last entry is after the final norm (what the LM head reads); the blocks'
+        # outputs come from block_outputs (a Transformer teacher has one less, see there);
         # [:-1] = the residual stream after every block, [B, L, D] each; [-1] feeds the LM head
         terms = distillation_loss(
             s_out.hidden_states[-1],
             t_out.hidden_states[-1],
-            s_out.hidden_states[:-1] if want_hidden else (),
-            t_out.hidden_states[:-1] if want_hidden else (),
+            block_outputs(s_out.hidden_states, model) if want_hidden else (),
+            block_outputs(t_out.hidden_states, self.teacher) if want_hidden else (),
             labels,
             self.loss_cfg,
             heads=(student.get_output_embeddings(), self.teacher.get_output_embeddings()),
@@ -175,6 +183,29 @@ class DistillTrainer(TeacherStudentTrainer):
         )
         self.record(model, terms, ("kl", "hidden_mse", "ce"), stats)
         return (terms["loss"], s_out) if return_outputs else terms["loss"]
+
+
+def preflight(cfg: Config, ctx: StageContext) -> None:
+    """Before the run folder is touched: `keep_attention` needs a Transformer teacher and its layer ids."""
+    if not cfg.keep_attention:
+        return
+    source = ctx.model.teacher
+    if source.train_from_scratch is not None:
+        kind, layers = source.train_from_scratch.architecture, source.train_from_scratch.num_hidden_layers
+    elif source.pretrained is not None:
+        try:
+            config = AutoConfig.from_pretrained(source.pretrained, trust_remote_code=ctx.model.trust_remote_code)
+        except (OSError, ValueError):
+            return  # the teacher stage's own preflight names the unloadable teacher
+        kind = "mamba" if config.model_type in ("mamba", "mamba2", spiking.SpikingMambaConfig.model_type) else "llama"
+        layers = config.num_hidden_layers
+    else:
+        return
+    if kind == "mamba":
+        raise ValueError("stages.distill.keep_attention: the teacher is a Mamba; only a Transformer teacher has attention to keep")
+    bad = [i for i in cfg.keep_attention if not 0 <= i < layers]
+    if bad:
+        raise ValueError(f"stages.distill.keep_attention: {bad[0]} is not a layer id of the teacher (0..{layers - 1})")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
@@ -198,12 +229,17 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         n_blocks = min(cfg.calibration_batches * cfg.batch_size, len(corpus["train"]))
         ids = torch.tensor(corpus["train"][:n_blocks]["input_ids"])  # [n_blocks, L]
         calibration = [{"input_ids": chunk} for chunk in ids.split(cfg.batch_size)]
+    # a converted Transformer's new mixer weights (gate, Δ) are drawn here: from the run's seed, not
+    # from whatever the process drew before (a run that trained the teacher in this process, or not)
+    set_seed(ctx.seed)
     try:
         student = spiking.from_teacher(
-            teacher, neurons=neurons, calibration_batches=calibration, scan_backend=ctx.model.scan_backend
+            teacher, neurons=neurons, calibration_batches=calibration, scan_backend=ctx.model.scan_backend,
+            **({"attention_layers": cfg.keep_attention} if cfg.keep_attention else {}),
         )
     except ValueError as error:  # e.g. an unknown placement: name the recipe field
-        raise ValueError(f"stages.distill.placement: {error}") from error
+        field = "" if str(error).startswith("keep_attention") else "placement: "
+        raise ValueError(f"stages.distill.{field}{error}") from error
 
     test_prompts = prompts["test"].select(range(min(cfg.eval_samples, len(prompts["test"]))))
     budget = tasks.answer_token_budget(tokenizer, test_prompts["answer"])

@@ -16,7 +16,11 @@ order, measured the same way:
   model of `cost_models` (45nm-horowitz, 45nm-int8, 45nm-memory at batch 1 and at the eval batch;
   methods.md §8, §10) with the ratio to the teacher under each, against the INT8 teacher, and the
   break-even firing rate under 45nm-memory; the breakdown per op and per op kind is 45nm-horowitz's
-  (MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ, compute only).
+  (MAC 4.6 pJ, AC 0.9 pJ, Mul 3.7 pJ, compute only). The attention layers (a Llama teacher, a
+  hybrid student's kept layers) are counted at the held-out blocks' own causal context; under
+  45nm-horowitz also at each of `energy_contexts` keys per token, with the ratio to the teacher at
+  each (the same spike counts, no extra forward; every model, so the table compares like with like:
+  a Mamba model's energy does not depend on the context; methods.md §12).
 * parameter count; lm-eval zero-shot tasks when `lm_eval` lists any, through lm-eval's own
   `HFLM` wrapper around the in-memory model (the paper's six tasks by default; a local task
   folder through `lm_eval_include_path`, e.g. recipes/lm_eval_tasks).
@@ -70,6 +74,11 @@ OP_GROUPS = {
     "norm": "norms / residual", "residual": "norms / residual", "norm_f": "norms / residual",
     "mlp.norm": "mlp", "mlp.gate_proj": "mlp", "mlp.up_proj": "mlp", "mlp.act": "mlp", "mlp.down_proj": "mlp",
     "mlp.residual": "mlp", "lm_head": "lm_head",
+    "bc_proj": "x_proj / dt_proj",  # B, C: x_proj's former outputs, projected from the block input
+    "q_proj": "attention q/k/v/o", "k_proj": "attention q/k/v/o", "v_proj": "attention q/k/v/o",
+    "o_proj": "attention q/k/v/o", "rope": "attention (RoPE, QKᵀ, softmax, AV)",
+    "attn_scores": "attention (RoPE, QKᵀ, softmax, AV)", "attn_softmax": "attention (RoPE, QKᵀ, softmax, AV)",
+    "attn_values": "attention (RoPE, QKᵀ, softmax, AV)",
 }
 
 
@@ -95,6 +104,11 @@ class Config(StrictModel):
     lm_eval_batch_size: int = Field(16, ge=1, description="lm-eval requests per forward")
     lm_eval_max_length: int = Field(2048, ge=8, description="longest context + continuation lm-eval may feed, in tokens")
     energy: bool = Field(True, description="firing rates and energy per token on the held-out blocks")
+    energy_contexts: list[int] = Field(
+        default_factory=lambda: [256, 2048],
+        description="attention contexts (keys each token attends) at which energy per token is also reported, "
+        "45nm-horowitz, every model (an attention layer's cost grows with it, a Mamba layer's does not); [] = none",
+    )
     eval_samples: int = Field(400, ge=1, description="held-out prompts scored for task accuracy")
     eval_blocks: int = Field(16, ge=1, description="held-out corpus blocks for perplexity, firing rates and energy")
     eval_batch_size: int = Field(64, ge=1, description="prompts / blocks per evaluation forward")
@@ -109,6 +123,15 @@ class Config(StrictModel):
             raise ValueError(f"unknown task scorer {unknown[0]!r}; expected reward names {sorted(rewards_lib.REWARDS)}")
         if not value:
             raise ValueError("list at least one scorer (e.g. arith_exact)")
+        return value
+
+    @field_validator("energy_contexts")
+    @classmethod
+    def _contexts(cls, value: list[int]) -> list[int]:
+        if any(c < 1 for c in value):
+            raise ValueError(f"every context must be >= 1 key per token, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a context is listed twice: {value}")
         return value
 
     @field_validator("models")
@@ -218,6 +241,7 @@ def energy_figures(report: spiking.EnergyReport) -> dict[str, Any]:
         "neuron_ops": sorted(op for op in by_op if op.endswith(".neuron")),
         "dense_ops": sorted(op for op in by_op if op not in spike_driven and not op.endswith(".neuron")),
         "tokens": report.tokens,
+        "context": report.context,  # keys per token the attention layers were counted at; None: none
     }
 
 
@@ -230,16 +254,42 @@ def cost_models(eval_batch: int) -> dict[str, spiking.CostTable]:
     return {table.name: table for table in tables}
 
 
-def measure_energy(model, held_out: torch.Tensor, costs: dict[str, spiking.CostTable]) -> tuple[dict[str, Any], Any]:
+def context_key(context: int) -> str:
+    """The key of an attention context in `energy_by_context` (and the metric suffix): 256 -> ctx256."""
+    return f"ctx{context}"
+
+
+def energy_by_context(model, stats, tokens: int, contexts: list[int]) -> dict[str, Any]:
+    """Energy per token under 45nm-horowitz (compute only) with the attention layers attending c
+    keys per token, for each c of `contexts`: the measured spike counts recosted, no forward (spikes
+    do not depend on c). An attention-free model gets the same figure at every c."""
+    cost = spiking.HOROWITZ_45NM
+    return {
+        "cost_model": cost.name,
+        "contexts": list(contexts),
+        "attention": spiking.has_attention(model),
+        "pj_per_token": {context_key(c): spiking.energy_report(model, stats, tokens, cost, context=c).pj_per_token
+                         for c in contexts},
+        "ratio_to_teacher": None,  # filled in by `run` once the teacher's figures are known
+    }
+
+
+def measure_energy(model, held_out: torch.Tensor, costs: dict[str, spiking.CostTable],
+                   contexts: list[int] | tuple[int, ...] = ()) -> tuple[dict[str, Any], Any]:
     """Firing rates and energy per token of `model` on held-out blocks `held_out` [B, L]: one
     forward, its spike counts costed under every model of `costs` (the first is the headline,
-    `energy`; all are in `energy_by_cost_model`). Returns (figures, spike stats or None)."""
+    `energy`; all are in `energy_by_cost_model`), the attention layers at the blocks' causal context,
+    and under 45nm-horowitz at each of `contexts` (`energy_by_context`, when any). Returns
+    (figures, spike stats or None)."""
     first, *_ = costs.values()
     report, stats = spiking.measure(model, held_out, first)
-    tokens = report.tokens
-    by_model = {name: spiking.energy_report(model, stats, tokens, cost).pj_per_token for name, cost in costs.items()}
+    tokens, context = report.tokens, report.context  # every cost model at the same (measured) context
+    by_model = {name: spiking.energy_report(model, stats, tokens, cost, context=context).pj_per_token
+                for name, cost in costs.items()}
     # break_even_firing_rate: filled in by `run` for a spiking model once the teacher's figures are known
     figures = {"energy": energy_figures(report), "energy_by_cost_model": {"pj_per_token": by_model, "break_even_firing_rate": None}}
+    if contexts:
+        figures["energy_by_context"] = energy_by_context(model, stats, tokens, list(contexts))
     if stats is None:  # dense
         return {"firing_rate": None, **figures}, None
     return {**firing_rates(stats, len(model.backbone.layers)), **figures}, stats
@@ -254,6 +304,13 @@ def energy_ratios(entry: dict[str, Any], teacher: dict[str, Any]) -> dict[str, f
     int8, fp32 = theirs.get(spiking.HOROWITZ_45NM_INT8.name), mine.get(spiking.HOROWITZ_45NM.name)
     ratios["int8-teacher"] = int8 / fp32 if int8 is not None and fp32 else None
     return ratios
+
+
+def context_ratios(entry: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float | None]:
+    """E_teacher / E_model under 45nm-horowitz at each attention context (both at the same c)."""
+    mine = entry["energy_by_context"]["pj_per_token"]
+    theirs = (teacher.get("energy_by_context") or {}).get("pj_per_token") or {}
+    return {key: theirs[key] / pj if key in theirs and pj else None for key, pj in mine.items()}
 
 
 def lm_eval_scores(model, tokenizer, task_names: list[str], task_manager, cfg: Config, seed: int
@@ -419,13 +476,13 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             "perplexity": tasks.perplexity(model, blocks, cfg.eval_batch_size),
         }
         if cfg.energy:
-            figures, stats = measure_energy(model, held_out, costs)
+            figures, stats = measure_energy(model, held_out, costs, cfg.energy_contexts)
             entry.update(figures)
             teacher_pj = (results.get("teacher", {}).get("energy_by_cost_model") or {}).get("pj_per_token", {})
             if stats is not None and memory_1.name in teacher_pj:
                 # the overall firing rate at which this model would cost what the teacher does (batch-1 decode)
                 entry["energy_by_cost_model"]["break_even_firing_rate"] = spiking.break_even(
-                    teacher_pj[memory_1.name], model, stats, memory_1
+                    teacher_pj[memory_1.name], model, stats, memory_1, context=entry["energy"]["context"]
                 )
         if task_manager is not None:
             entry["lm_eval"], per_doc = lm_eval_scores(model, tokenizer, cfg.lm_eval, task_manager, cfg, ctx.seed)
@@ -455,6 +512,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
             # E_teacher / E_model on the same held-out tokens; None without an evaluated teacher
             entry["energy"]["ratio_to_teacher"] = teacher_pj / entry["energy"]["pj_per_token"] if teacher_pj else None
             entry["energy_by_cost_model"]["ratio_to_teacher"] = energy_ratios(entry, teacher)
+            if "energy_by_context" in entry:
+                entry["energy_by_context"]["ratio_to_teacher"] = context_ratios(entry, teacher)
         if task_manager is not None:
             # the paper's "zero-shot gap": teacher average minus this model's, in points
             average = entry["lm_eval_average"]
@@ -468,6 +527,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "machine": machine(),
         "cost_table": spiking.HOROWITZ_45NM.describe() if cfg.energy else None,
         "cost_models": {name: cost.describe() for name, cost in costs.items()} if cfg.energy else None,
+        "energy_contexts": list(cfg.energy_contexts) if cfg.energy else [],
         "memory_note": spiking.energy.MEMORY_NOTE,
         "tasks": list(cfg.tasks),
         "eval_samples": len(test_prompts),
@@ -529,6 +589,10 @@ def headline_metrics(metrics_file: dict[str, Any]) -> dict[str, Any]:
                     out[f"{name}/energy_ratio/{model_name}"] = ratio
             if entry["energy_by_cost_model"].get("break_even_firing_rate") is not None:
                 out[f"{name}/break_even_firing_rate/45nm-memory"] = entry["energy_by_cost_model"]["break_even_firing_rate"]
+            by_context = entry.get("energy_by_context") or {}
+            for key, pj in by_context.get("pj_per_token", {}).items():  # 45nm-horowitz at c keys per token
+                out[f"{name}/energy_pj_per_token_{key}"] = pj
+                out[f"{name}/energy_ratio_{key}"] = (by_context.get("ratio_to_teacher") or {}).get(key)
         out[f"{name}/params"] = entry["params"]
         for task, value in (entry.get("lm_eval_headline") or {}).items():
             out[f"{name}/lm_eval/{task}"] = value

@@ -68,6 +68,7 @@ FORMATS: dict[str, Callable[[Any], str]] = {
     "firing_rate": lambda v: f"{v:.4f}",
     "energy_pj_per_token": lambda v: f"{v:.0f}",
     "energy_ratio": lambda v: f"{v:.2f}x",
+    "context": lambda v: f"{v:.1f}",  # keys attended per token
     "params": lambda v: f"{int(v)}",
     "points": lambda v: f"{v:.2f}",
 }
@@ -147,6 +148,19 @@ def cost_model_columns(metrics: dict) -> list[tuple[str, str, tuple[str, ...]]]:
     return columns
 
 
+def context_columns(metrics: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(header, kind, key path under stages.<stage>) of the energy-by-context table (methods.md §12):
+    45nm-horowitz energy per token and the teacher / stage ratio at each of eval's `energy_contexts`."""
+    contexts = metrics.get("energy_contexts") or []
+    if not contexts:
+        return []
+    columns = [("held-out context (keys/token)", "context", ("energy", "context"))]
+    for c in contexts:
+        columns.append((f"pJ/token at {c} keys", "energy_pj_per_token", ("energy_by_context", "pj_per_token", f"ctx{c}")))
+        columns.append((f"ratio at {c} keys (teacher / stage)", "energy_ratio", ("energy_by_context", "ratio_to_teacher", f"ctx{c}")))
+    return columns
+
+
 def stage_rows(metrics: dict) -> list[dict[str, Any]]:
     """One row per model stage: status (evaluated / missing + reason) and a cell per column."""
     rows = []
@@ -160,8 +174,10 @@ def stage_rows(metrics: dict) -> list[dict[str, Any]]:
             continue
         cells = {header: _cell(kind, metrics, stage, *keys) for header, kind, keys in table_columns(metrics)}
         cost_cells = {header: _cell(kind, metrics, stage, *keys) for header, kind, keys in cost_model_columns(metrics)}
+        context_cells = {header: _cell(kind, metrics, stage, *keys) for header, kind, keys in context_columns(metrics)}
         rows.append({"stage": stage, "status": "evaluated", "spiking": entry.get("spiking"), "cells": cells,
-                     "cost_cells": cost_cells})
+                     "cost_cells": cost_cells, "context_cells": context_cells,
+                     "attention": (entry.get("energy_by_context") or {}).get("attention")})
     return rows
 
 
@@ -351,6 +367,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += _md_table(["stage"] + report["cost_model_columns"], body)
         lines += [""] + [f"* `{name}`: {text}" for name, text in report["eval"]["cost_models"].items()]
 
+    if report.get("context_columns"):
+        lines += ["", "## Energy per token by context length", "",
+                  "45nm-horowitz (compute only) with every attention layer attending c keys per token (methods.md §12): "
+                  "the same spike counts, recosted. An attention layer's cost grows linearly with c, a Mamba layer's "
+                  "does not, so an attention-free stage shows the same value at every c. The held-out context is the "
+                  "one the figures above use (the causal mean over the held-out tokens; - without attention).", ""]
+        body = []
+        for row in report["rows"]:
+            if row["status"] != "evaluated" or not row.get("context_cells"):
+                continue
+            kind = "attention" if row.get("attention") else "Mamba only"
+            body.append([row["stage"], kind] + [format_cell(c["kind"], c["value"]) for c in row["context_cells"].values()])
+        lines += _md_table(["stage", "layers"] + report["context_columns"], body)
+
     lines += ["", "## Beside the papers", "",
               "The right column is the papers' (methods.md §8), at 130 M-1.4 B parameters; ours are this run's.", ""]
     paper_rows = []
@@ -455,10 +485,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, logger:
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "eval": {k: metrics.get(k) for k in ("date", "machine", "cost_table", "cost_models", "memory_note", "tasks", "eval_samples",
-                                             "held_out_tokens", "lm_eval")},
+        "eval": {k: metrics.get(k) for k in ("date", "machine", "cost_table", "cost_models", "energy_contexts", "memory_note",
+                                             "tasks", "eval_samples", "held_out_tokens", "lm_eval")},
         "columns": [header for header, _, _ in table_columns(metrics)],
         "cost_model_columns": [header for header, _, _ in cost_model_columns(metrics)],
+        "context_columns": [header for header, _, _ in context_columns(metrics)],
         "rows": stage_rows(metrics),
         "paper": PAPER,
         "paper_comparison": paper_comparison(metrics),

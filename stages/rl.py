@@ -286,18 +286,22 @@ def split_energy_weight(funcs: list, weights: list[float], mode: str) -> tuple[l
 # ----------------------------------------------------------------------------- measurements
 
 
+def held_out_batches(tokenizer, test_ds, batch_size: int, device) -> list:
+    """The held-out `prompt + answer` texts as left-padded batches (dicts of input_ids, attention_mask)."""
+    texts = [p + a for p, a in zip(test_ds["prompt"], test_ds["answer"])]
+    with tasks.left_padded(tokenizer):
+        return [
+            tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+            for start in range(0, len(texts), batch_size)
+        ]
+
+
 @torch.no_grad()
 def held_out_spikes(model, tokenizer, test_ds, batch_size: int) -> dict[str, float]:
     """Spikes per token, firing rate and energy per token on held-out `prompt + answer` texts
     (left-padded batches; padding not counted). Energy: `spiking.measure` (45 nm cost table,
     memory access not counted)."""
-    texts = [p + a for p, a in zip(test_ds["prompt"], test_ds["answer"])]
-    with tasks.left_padded(tokenizer):
-        batches = [
-            tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-            for start in range(0, len(texts), batch_size)
-        ]
-    energy, stats = spiking.measure(model, batches)
+    energy, stats = spiking.measure(model, held_out_batches(tokenizer, test_ds, batch_size, model.device))
     overall = stats.overall()
     return {
         "spikes_per_token": overall["spikes_per_token"],
@@ -315,13 +319,15 @@ def evaluate(model, tokenizer, test_ds, budget: int, batch_size: int, teacher_pj
     return result
 
 
-def teacher_energy(ctx: StageContext) -> float | None:
-    """The teacher's energy per token (dense: no forward needed), or None when the run has no teacher stage."""
+def teacher_energy(ctx: StageContext, batches: list) -> float | None:
+    """The teacher's energy per token on `batches` (dense: no forward needed; a Transformer's
+    attention at those texts' mean context, as the policy's spikes are measured), or None when the
+    run has no teacher stage."""
     folder = ctx.upstream.get("teacher")
     if folder is None or not (folder / "config.json").is_file():
         return None
     teacher = AutoModelForCausalLM.from_pretrained(folder)
-    return spiking.estimate_energy(teacher, torch.ones(1, 1, dtype=torch.long)).pj_per_token
+    return spiking.measure(teacher, batches)[0].pj_per_token
 
 
 # ----------------------------------------------------------------------------- DPO pairs
@@ -416,7 +422,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     budget = tasks.answer_token_budget(tokenizer, test_ds["answer"])
 
     metrics: dict[str, Any] = {"algo": cfg.algo, "input_model": model_dir.name}
-    teacher_pj = teacher_energy(ctx) if ctx.is_main_process else None
+    teacher_pj = None
+    if ctx.is_main_process:
+        teacher_pj = teacher_energy(ctx, held_out_batches(tokenizer, test_ds, cfg.eval_batch_size, "cpu"))
     if ctx.is_main_process:
         before = evaluate(policy, tokenizer, test_ds, budget, cfg.eval_batch_size, teacher_pj)
         metrics.update({f"{key}_before": value for key, value in before.items()})

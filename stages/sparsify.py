@@ -62,6 +62,7 @@ from stages.training import (
     SGCSchedule,
     TeacherStudentTrainer,
     TrainerKnobs,
+    block_outputs,
     build_training_args,
     check_vocab,
     collate_blocks,
@@ -263,15 +264,18 @@ def forward_with_features(model, batch: dict, features: str | None) -> tuple[tor
     (none when `features` is None). The vocabulary terms are computed from the final state by
     `sbds_loss`, so no full [B, L, V] logits are made here.
 
-    pre_norm: each block's output (HF's hidden_states[:-1]) = the residual stream entering the
+    pre_norm: each block's output (`block_outputs`) = the residual stream entering the
     next block's RMSNorm, or norm_f for the last. post_norm: the outputs of those norms, taken
     with forward hooks (so they run inside the model's forward, where ZeRO-3 gathers weights).
     """
     if features != "post_norm":
         out = final_hidden(model, batch)
-        return out.hidden_states[-1], (list(out.hidden_states[:-1]) if features == "pre_norm" else [])
-    backbone = getattr(model, "module", model).backbone  # DDP wraps the model in .module
-    norms = [block.norm for block in backbone.layers[1:]] + [backbone.norm_f]
+        return out.hidden_states[-1], (list(block_outputs(out.hidden_states, model)) if features == "pre_norm" else [])
+    inner = getattr(model, "module", model)  # DDP wraps the model in .module
+    if isinstance(inner, spiking.SpikingMambaForCausalLM):
+        norms = [block.norm for block in inner.backbone.layers[1:]] + [inner.backbone.norm_f]
+    else:  # a Llama-layout Transformer teacher
+        norms = [layer.input_layernorm for layer in inner.model.layers[1:]] + [inner.model.norm]
     captured: list[torch.Tensor] = []
     handles = [norm.register_forward_hook(lambda _m, _a, output: captured.append(output)) for norm in norms]
     try:
@@ -390,7 +394,9 @@ class SparsifyTrainer(TeacherStudentTrainer):
             student = self.model
             self.spike_energy = SpikeRateRegulariser(student, weight=sbds.energy)
             self.pj_per_spike = spiking.spike_costs(student)
-            self.teacher_pj = spiking.energy_report(self.teacher, None, 1).pj_per_token  # dense: no forward
+            # dense: no forward; a Transformer teacher is costed at the training blocks' mean context
+            block = torch.ones(1, len(self.train_dataset[0]["input_ids"]), dtype=torch.long)
+            self.teacher_pj = spiking.estimate_energy(self.teacher, block).pj_per_token
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}

@@ -1,4 +1,4 @@
-"""teacher stage: the Mamba teacher, pretrained from the hub or trained from scratch on the corpus.
+"""teacher stage: the teacher (a Mamba or a Transformer), pretrained or trained from scratch on the corpus.
 
     spikerl run recipes/tiny.yaml --only teacher
 
@@ -9,7 +9,8 @@ Where the teacher comes from is the recipe's top-level `model.teacher` (exactly 
   further on the corpus with the knobs below.
 * `train_from_scratch: {hidden_size: 128, num_hidden_layers: 4, ...}`: a small `MambaForCausalLM`
   (`build_model`) trained on the data stage's packed corpus with the HF `Trainer` (causal LM,
-  labels = inputs).
+  labels = inputs). With `architecture: llama` it is a small `LlamaForCausalLM` instead (a Transformer
+  teacher: the distill stage converts its attention layers to Mamba mixers, methods.md §13).
 
 Training is resumable and deterministic: checkpoints `checkpoint-N/` (model, optimizer, scheduler,
 RNG, data position) go to `run_dir/teacher/checkpoints/`, a rerun resumes from the newest, and with
@@ -27,7 +28,16 @@ from typing import Any
 import torch
 from datasets import load_from_disk
 from pydantic import Field
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MambaForCausalLM, Trainer, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MambaForCausalLM,
+    Trainer,
+    set_seed,
+)
 
 from spiking import SpikingMambaConfig, SpikingMambaForCausalLM, from_teacher, to_hf_mamba
 from stages import tasks
@@ -69,8 +79,28 @@ CARD_METRICS = {"accuracy": "teacher_accuracy", "samples": "eval_samples", "perp
 # -------------------------------------------------------------------------------------- models
 
 
-def build_model(arch: TeacherArch, tokenizer, scan_backend: str = "auto") -> SpikingMambaForCausalLM:
-    """A fresh Mamba with the vocabulary and special ids of `tokenizer`, for training from scratch.
+def build_llama(arch: TeacherArch, tokenizer) -> LlamaForCausalLM:
+    """A fresh `LlamaForCausalLM` (tied embeddings, like the Mamba teachers) with the vocabulary and
+    special ids of `tokenizer`: transformers' own Transformer, trained by the same Trainer."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def build_model(arch: TeacherArch, tokenizer, scan_backend: str = "auto") -> SpikingMambaForCausalLM | LlamaForCausalLM:
+    """A fresh Mamba with the vocabulary and special ids of `tokenizer`, for training from scratch
+    (a Llama for `architecture: llama`, `build_llama`).
 
     This is the one place the from-scratch teacher's model class is chosen. It is the project's
     `SpikingMambaForCausalLM` with no neurons: the same architecture, parameter names and numbers
@@ -78,6 +108,8 @@ def build_model(arch: TeacherArch, tokenizer, scan_backend: str = "auto") -> Spi
     trains ~4-70x faster than transformers' PyTorch path (benchmarks/student_vs_teacher.py).
     `save_teacher` stores the result as a genuine `MambaForCausalLM` when it has no MLP.
     """
+    if arch.architecture == "llama":
+        return build_llama(arch, tokenizer)
     config = SpikingMambaConfig(
         vocab_size=len(tokenizer),
         hidden_size=arch.hidden_size,

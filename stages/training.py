@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.utils.checkpoint
 from pydantic import Field, field_validator
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import spiking
 from stages.context import StageContext, StrictModel, last_complete_checkpoint
@@ -284,10 +284,14 @@ def load_checkpoint_weights(model, checkpoint: Path) -> None:
 def load_compute_teacher(teacher_dir: Path, ctx: StageContext, dtype: str = "float32"):
     """The teacher stage's output, frozen in eval mode, on the compute device, for distillation.
 
-    Loaded into the project's mixer with no neurons (`from_teacher(..., neurons={})`): the same
-    numbers as HF Mamba, a faster CPU scan, and `hidden_states` in the same convention as the student.
+    A Mamba is loaded into the project's mixer with no neurons (`from_teacher(..., neurons={})`):
+    the same numbers as HF Mamba and a faster CPU scan. A Transformer teacher is loaded as it is
+    (transformers' own class); `block_outputs` reads either's hidden states.
     """
-    model = spiking.from_teacher(str(teacher_dir), neurons={}, scan_backend=ctx.model.scan_backend)
+    if spiking.is_transformer(teacher_dir):
+        model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), trust_remote_code=ctx.model.trust_remote_code)
+    else:
+        model = spiking.from_teacher(str(teacher_dir), neurons={}, scan_backend=ctx.model.scan_backend)
     model.to(dtype=getattr(torch, dtype))
     if torch.cuda.is_available():
         model.to("cuda")
@@ -388,6 +392,19 @@ def head_logits_sums(
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """labels [B, L] -> targets [B, L]: position i is scored on labels[i + 1]; the last on nothing (-100)."""
     return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+
+
+def block_outputs(hidden_states: tuple[torch.Tensor, ...], model) -> tuple[torch.Tensor, ...]:
+    """Each block's output (the residual stream after block l), in order, from `hidden_states`.
+
+    The project's Mamba (HF Mamba's convention) returns every block's output then the normed last
+    one: all L blocks. A Transformer (HF Llama's convention) returns the embeddings, the outputs of
+    blocks 0..L-2, then the normed last: its last block's own output is not there, so L-1 blocks.
+    Pairs of teacher and student are compared with zip, which stops at the shorter: block l with
+    block l either way."""
+    if isinstance(getattr(model, "module", model), spiking.SpikingMambaForCausalLM):
+        return tuple(hidden_states[:-1])
+    return tuple(hidden_states[1:-1])
 
 
 def final_hidden(model, batch: dict, **kwargs):

@@ -190,6 +190,17 @@ CASES: list[tuple[str, Change, list[str], str]] = [
         set_path(r, "model.teacher", {"pretrained": str(f["small_vocab_teacher"])}),
         set_path(r, "model.tokenizer", str(f["tokenizer"]))), [],
      r"model\.tokenizer \(.*tokenizer\) has 18 tokens but model\.teacher\.pretrained \(.*small_vocab_teacher\) has vocab_size 10"),
+    # --- a Transformer teacher (methods.md §13)
+    ("attention field on a Mamba teacher", lambda r, f: set_path(r, "model.teacher.train_from_scratch.num_attention_heads", 2),
+     [], r"model\.teacher\.train_from_scratch: .*num_attention_heads does not apply to architecture 'mamba'"),
+    ("unknown teacher architecture", lambda r, f: set_path(r, "model.teacher.train_from_scratch.architecture", "gpt2"),
+     [], r"model\.teacher\.train_from_scratch\.architecture: Input should be 'mamba' or 'llama'"),
+    ("keep_attention with a Mamba teacher", lambda r, f: r["stages"].update(distill={"keep_attention": [0]}), [],
+     r"stages\.distill\.keep_attention: the teacher is a Mamba"),
+    ("keep_attention layer out of range", lambda r, f: (
+        set_path(r, "model.teacher.train_from_scratch", {"architecture": "llama", "hidden_size": 16, "num_hidden_layers": 2}),
+        r["stages"].update(distill={"keep_attention": [2]})), [],
+     r"stages\.distill\.keep_attention: 2 is not a layer id of the teacher \(0\.\.1\)"),
 ]
 
 

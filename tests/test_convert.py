@@ -71,9 +71,9 @@ def test_calibrate_restores_modes_and_can_skip_calibrated():
         calibrate(s, [])
 
 
-def test_non_mamba_and_mamba2_teachers_are_refused(tmp_path):
+def test_non_llama_transformers_and_mamba2_teachers_are_refused(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*gpt2"):
+    with pytest.raises(ValueError, match="model_type .gpt2. is not supported.*Llama-layout"):
         from_teacher(gpt2)
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
