@@ -1,6 +1,7 @@
 """How much the converted student's accuracy depends on the seed of its new mixer weights.
 
     python benchmarks/transformer_seeds.py [--run runs/transformer-tiny] [--seeds 0 1 2] [--keep 3] [--keep 1,3]
+                                           [--random-init]   (the converted mixers not started from attention)
 
 On a finished run of recipes/transformer-tiny.yaml (its data and Llama teacher), the distill stage
 of the recipe runs again once per (keep_attention, seed) into a scratch folder: only the seed of the
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keep", action="append", default=None, help="comma-separated layer ids; repeat for several")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "transformer-tiny.yaml")
+    parser.add_argument("--random-init", action="store_true", help="attention_init: false (Mamba's own init)")
     args = parser.parse_args(argv)
     keeps = [[int(i) for i in k.split(",") if i != ""] for k in (args.keep or ["3"])]
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for keep in keeps:
         for seed in args.seeds:
-            cfg = recipe.stages["distill"].model_copy(update={"keep_attention": keep})
+            cfg = recipe.stages["distill"].model_copy(update={"keep_attention": keep, "attention_init": not args.random_init})
             with tempfile.TemporaryDirectory() as scratch:
                 out = Path(scratch) / "distill"
                 out.mkdir()
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 start = time.perf_counter()
                 metrics = distill.run(cfg, ctx)
-            rows.append({"keep_attention": keep, "seed": seed, "student_accuracy": metrics["student_accuracy"],
+            rows.append({"keep_attention": keep, "seed": seed, "attention_init": not args.random_init, "student_accuracy": metrics["student_accuracy"],
                          "student_ppl": metrics["student_ppl"], "seconds": time.perf_counter() - start})
             print(f"keep {keep} seed {seed}: {metrics['student_accuracy']:.2%} (teacher {teacher_accuracy:.2%})", flush=True)
     summary = {}
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, s in summary.items():
         print(f"keep [{name}]: mean {s['mean']:.2%}, range [{s['min']:.2%}, {s['max']:.2%}], "
               f"{s['within_5_points']}/{s['seeds']} seeds within 5 points of the teacher ({teacher_accuracy:.2%})")
-    result = {"run": str(args.run), "teacher_accuracy": teacher_accuracy, "rows": rows, "summary": summary}
-    out_file = ROOT / "benchmarks" / "results" / "transformer_seeds.json"
+    result = {"run": str(args.run), "teacher_accuracy": teacher_accuracy, "attention_init": not args.random_init,
+              "rows": rows, "summary": summary}
+    name = "transformer_seeds_random_init.json" if args.random_init else "transformer_seeds.json"
+    out_file = ROOT / "benchmarks" / "results" / name
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     return result

@@ -178,6 +178,7 @@ def from_transformer(
     neurons: dict | None = None,
     keep_attention: Iterable[int] = (),
     calibration_batches: Iterable | None = None,
+    attention_init: bool = True,
     **config_overrides,
 ) -> SpikingMambaForCausalLM:
     """A (spiking) Mamba student of a Llama-layout Transformer teacher (instance, hub id or folder).
@@ -187,8 +188,9 @@ def from_transformer(
     the attention itself (transformers' LlamaAttention, KV cache in generation). Every other
     attention layer becomes a Mamba mixer with B, C from the block input (`bc_proj`), of width
     heads·head_dim and state size num_kv_heads·head_dim (override `state_size` for less),
-    initialised by `init_from_attention`. `config_overrides` go to SpikingMambaConfig (conv_kernel,
-    scan_backend, state_size, ...).
+    initialised by `init_from_attention` (`attention_init=False`: Mamba's own initialisation
+    instead, the ablation of MambaInLlama's choice). `config_overrides` go to SpikingMambaConfig
+    (conv_kernel, scan_backend, state_size, ...).
     """
     teacher = _transformer_teacher(teacher)
     tc = teacher.config
@@ -232,7 +234,7 @@ def from_transformer(
                 getattr(block.mlp, name).weight.copy_(getattr(layer.mlp, name).weight)
             if i in keep:
                 block.mixer.load_state_dict(layer.self_attn.state_dict())
-            else:
+            elif attention_init:
                 init_from_attention(block.mixer, layer.self_attn, heads, kv_heads, head_dim)
     student.config._name_or_path = tc._name_or_path
     if calibration_batches is not None:

@@ -79,6 +79,10 @@ class Config(TrainerKnobs):
         default_factory=list, description="Transformer teacher only: layer ids whose attention the student keeps "
         "(a hybrid, KV cache in generation); every other layer becomes a Mamba mixer initialised from it",
     )
+    attention_init: bool = Field(
+        True, description="Transformer teacher only: start each converted mixer from the attention weights "
+        "(V, K, Q, O; methods.md §13); false = Mamba's own random initialisation (the ablation)",
+    )
     loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
     calibration_batches: int = Field(4, ge=1, description="batches used to initialise thresholds before step 1")
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
@@ -236,6 +240,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         student = spiking.from_teacher(
             teacher, neurons=neurons, calibration_batches=calibration, scan_backend=ctx.model.scan_backend,
             **({"attention_layers": cfg.keep_attention} if cfg.keep_attention else {}),
+            **({} if cfg.attention_init else {"attention_init": False}),
         )
     except ValueError as error:  # e.g. an unknown placement: name the recipe field
         field = "" if str(error).startswith("keep_attention") else "placement: "

@@ -225,8 +225,10 @@ def compare_with_teacher(student, teacher, tokenizer, blocks, test_prompts, budg
         "eval_samples": accuracy["student"]["n"],
         "student_ppl": perplexity(student, blocks, batch_size),
         "teacher_ppl": perplexity(teacher, blocks, batch_size),
-        "firing_rate": stats.firing_rate,
-        **{f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()},
+        # a student without neurons (distill's `placement: []`, e.g. a dense conversion of a
+        # Transformer before sparsify adds them) has no spikes to count: no firing rate
+        "firing_rate": stats.firing_rate if stats is not None else None,
+        **({f"firing_rate/{p}": d["firing_rate"] for p, d in stats.by_placement().items()} if stats is not None else {}),
         "energy_pj_per_token_teacher": report_t.pj_per_token,
         "energy_pj_per_token_student": report_s.pj_per_token,
         "energy_ratio": report_t.pj_per_token / report_s.pj_per_token,

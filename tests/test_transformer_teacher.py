@@ -254,3 +254,37 @@ def test_transformer_tiny_recipe_code_path(tmp_path):
     assert by_context["ratio_to_teacher"]["ctx2048"] > max(1.0, by_context["ratio_to_teacher"]["ctx256"])
     report = (run / "eval" / "report" / "report.md").read_text()
     assert "Energy per token by context length" in report
+
+
+def test_attention_init_false_keeps_the_mixers_own_initialisation():
+    teacher = llama(layers=1)
+    torch.manual_seed(1)
+    plain = from_transformer(teacher, attention_init=False)
+    mixer = plain.backbone.layers[0].mixer
+    assert not torch.equal(mixer.out_proj.weight, teacher.model.layers[0].self_attn.o_proj.weight)
+    assert mixer.conv1d.weight[:, 0, :-1].abs().sum() > 0  # not the identity conv
+    # everything around the mixers is still the teacher's
+    assert torch.equal(plain.backbone.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_dense_converted_student_is_compared_with_its_teacher():
+    """distill's `placement: []` on a Transformer: a neuron-free student; no firing rate, energy of both."""
+    from datasets import Dataset
+
+    from stages import tasks
+    from stages.data import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("0123456789+=")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
+        head_dim=DH, intermediate_size=12, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    teacher = LlamaForCausalLM(config).eval()
+    student = from_transformer(teacher, keep_attention=[0]).eval()
+    blocks = Dataset.from_dict({"input_ids": torch.randint(3, len(tokenizer), (2, 8)).tolist()})
+    prompts = Dataset.from_dict({"prompt": ["1+2=", "3+4="], "answer": ["3", "7"]})
+    metrics, report = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, prompts, budget=2, batch_size=2)
+    assert metrics["firing_rate"] is None and not any(key.startswith("firing_rate/") for key in metrics)
+    assert metrics["energy_ratio"] > 0 and report.context == pytest.approx(4.5)  # (8 + 1) / 2 keys per token
