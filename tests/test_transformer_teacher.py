@@ -288,3 +288,47 @@ def test_a_dense_converted_student_is_compared_with_its_teacher():
     metrics, report = tasks.compare_with_teacher(student, teacher, tokenizer, blocks, prompts, budget=2, batch_size=2)
     assert metrics["firing_rate"] is None and not any(key.startswith("firing_rate/") for key in metrics)
     assert metrics["energy_ratio"] > 0 and report.context == pytest.approx(4.5)  # (8 + 1) / 2 keys per token
+
+
+def test_a_hybrid_folder_loads_and_generates_without_spikerl(tmp_path):
+    """The saved hybrid carries its code (the kept attention is transformers' own module): loaded with
+    trust_remote_code where `import spiking` fails, it computes what it computes here."""
+    import json
+    import subprocess
+    import sys
+
+    from stages.data import build_char_tokenizer
+    from tests.test_portable import WITHOUT_SPIKERL, without_spikerl_env
+
+    tokenizer = build_char_tokenizer("0123456789+=")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
+        head_dim=DH, intermediate_size=12, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    student = from_transformer(LlamaForCausalLM(config), keep_attention=[1], neurons=spiking.default_neurons()).eval()
+    texts = ["12+34=", "5+6="]
+    spiking.calibrate(student, [tokenizer(texts, return_tensors="pt", padding=True)])
+    folder = tmp_path / "hybrid"
+    student.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    blocked = tmp_path / "blocked"
+    for name in ("spiking", "triton"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here (test stub)')\n")
+    script, out_file = tmp_path / "load.py", tmp_path / "out.json"
+    script.write_text(WITHOUT_SPIKERL)
+    done = subprocess.run(
+        [sys.executable, str(script), str(out_file), json.dumps(texts), str(folder)],
+        cwd=tmp_path, env=without_spikerl_env(blocked, tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(out_file.read_text())
+    assert got["spiking_modules"] == [] and got[str(folder)]["class"].endswith(".SpikingMambaForCausalLM")
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = student(**inputs).logits
+        generated = student.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert (torch.tensor(got[str(folder)]["logits"]) - logits.flatten()).abs().max().item() <= 1e-5
+    assert got[str(folder)]["generated"] == generated.tolist()
