@@ -3,7 +3,7 @@
 Every reward has TRL's signature, `f(completions, **columns) -> list[float | None]`, and is pure,
 except `spike_energy`, which needs the policy and is built by `build_rewards` with it.
 
-    REWARDS      name → function: arith_exact, math_answer, reasoning_gym, format, length_penalty
+    REWARDS      name → function: arith_exact, arith_digits, math_answer, reasoning_gym, format, length_penalty
     FACTORIES    name → maker taking the recipe's arguments (`{format: {pattern: "..."}}`)
     build_rewards(spec, policy=, tokenizer=) -> (functions, weights): what GRPO / RLOO / PPO take
     score(functions, weights, prompts, completions, ...) -> (per reward [N, F], weighted sum [N])
@@ -35,6 +35,7 @@ import torch
 
 from .energy import SpikeEnergy, spikes_per_completion_token
 from .tasks import (
+    arith_digits,
     arith_exact,
     extract_number,
     format,
@@ -49,6 +50,7 @@ RewardFunc = Callable[..., list]
 
 REWARDS: dict[str, RewardFunc] = {
     "arith_exact": arith_exact,
+    "arith_digits": arith_digits,
     "math_answer": math_answer,
     "format": format,
     "length_penalty": length_penalty,

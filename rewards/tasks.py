@@ -34,6 +34,32 @@ def arith_exact(completions: Sequence[str], answer: Sequence[str | None], **kwar
     return [None if ref is None else float(str(text).strip() == str(ref).strip()) for text, ref in zip(completions, answer)]
 
 
+def arith_digits(completions: Sequence[str], answer: Sequence[str | None], **kwargs) -> list[float | None]:
+    """Partial credit: the fraction of the answer's digit places the completion gets right, places
+    aligned from the units (the place a carry starts from), divided by the longer of the two.
+
+    Exact match scores 1.0 (as arith_exact); a completion that is not an unsigned integer 0.0.
+    Why: with exact match alone, a GRPO group of a problem the policy never solves is all 0 and
+    one it always solves all 1, so neither moves the policy; the places give the unsolved ones a
+    gradient. A row without an answer gets None.
+
+    >>> arith_digits(["1089", "1079", "89", "x", "1089"], answer=["1089", "1089", "1089", "1089", None])
+    [1.0, 0.75, 0.5, 0.0, None]
+    """
+    scores: list[float | None] = []
+    for text, ref in zip(completions, answer):
+        if ref is None:
+            scores.append(None)
+            continue
+        got, want = str(text).strip(), str(ref).strip()
+        if not got.isdigit() or not want.isdigit():
+            scores.append(float(got == want))
+            continue
+        right = sum(a == b for a, b in zip(reversed(got), reversed(want)))
+        scores.append(right / max(len(got), len(want)))
+    return scores
+
+
 def extract_number(text: str) -> float | None:
     """The final answer of a free-text solution: GSM8K's `#### 42` if present, else the last number.
 

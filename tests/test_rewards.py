@@ -258,3 +258,14 @@ def test_spike_energy_term_is_the_fan_out_weighted_spike_count_per_token():
     energy = regulariser.energy(completion, pj)
     print("spike-driven pJ per token", float(energy.detach()), "by hand", expected)
     assert float(energy.detach()) == pytest.approx(expected, rel=1e-6) and expected > 0 and energy.requires_grad
+
+
+def test_arith_digits_gives_partial_credit_by_place():
+    """Hand-computed: places aligned from the units, over the longer number; exact = 1 like arith_exact."""
+    scores = REWARDS["arith_digits"](
+        ["1089", "1189", "189", "10890", " 82 ", "-82", "", "82"],
+        answer=["1089", "1089", "1089", "1089", "82", "82", "82", None],
+    )
+    assert scores == [1.0, 0.75, 0.5, 0.0, 1.0, 0.0, 0.0, None]
+    exact = REWARDS["arith_exact"](["1089", " 82 "], answer=["1089", "82"])
+    assert exact == scores[:1] + scores[4:5]
