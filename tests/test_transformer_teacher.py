@@ -332,3 +332,37 @@ def test_a_hybrid_folder_loads_and_generates_without_spikerl(tmp_path):
         generated = student.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert (torch.tensor(got[str(folder)]["logits"]) - logits.flatten()).abs().max().item() <= 1e-5
     assert got[str(folder)]["generated"] == generated.tolist()
+
+
+def test_a_pretrained_llama_folder_goes_through_the_pipeline(tmp_path):
+    """What a user converting a Llama checkpoint does: `model.teacher.pretrained: <folder>` (weights and
+    tokenizer), the teacher stage keeps it as loaded, distill converts it into a hybrid."""
+    from pathlib import Path
+
+    from pipeline.__main__ import main
+    from stages.data import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("0123456789+=")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    checkpoint = tmp_path / "my-llama"
+    LlamaForCausalLM(config).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    overrides = [
+        f"run.output_dir={run}", f"model.teacher={{pretrained: {checkpoint}}}", "stages.data.source.num_problems=600",
+        "stages.data.test_size=8", "stages.data.rl_prompts=8", "stages.teacher.eval_samples=8",
+        "stages.distill.max_steps=2", "stages.distill.eval_samples=8", "stages.distill.keep_attention=[0]",
+    ]
+    assert main(["run", str(root / "recipes" / "transformer-tiny.yaml"), "--until", "distill", *overrides]) == 0
+    teacher = AutoModelForCausalLM.from_pretrained(run / "teacher")
+    assert isinstance(teacher, LlamaForCausalLM)
+    original = LlamaForCausalLM.from_pretrained(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), original.state_dict().values()))
+    student = spiking.load_deployed(run / "distill")
+    assert student.config.attention_layers == [0] and not student.config.tie_word_embeddings
