@@ -186,11 +186,19 @@ def _what_it_is(folder: _Folder, recipe: Recipe, metrics: dict[str, Any], card_m
     else:
         first = f"A `{cls}` (transformers' own class, no custom code, no neurons)."
     lines = ["## What it is", "", first, "", f"* teacher: {_teacher_text(recipe)[0]}"]
-    if config:
+    if config and config.get("state_size") is None:  # a Transformer (a Llama teacher)
+        lines.append(f"* size: hidden {config.get('hidden_size')}, {config.get('num_hidden_layers')} layers, "
+                     f"{config.get('num_attention_heads')} attention heads ({config.get('num_key_value_heads')} key/value), "
+                     f"vocabulary {config.get('vocab_size')}, MLP width {config.get('intermediate_size')}")
+    elif config:
         mlp = config.get("mlp_intermediate_size")
         lines.append(f"* size: hidden {config.get('hidden_size')}, {config.get('num_hidden_layers')} blocks, "
                      f"state {config.get('state_size')}, vocabulary {config.get('vocab_size')}"
                      + (f", gated MLP width {mlp}" if mlp else ""))
+        if config.get("attention_layers"):
+            lines.append(f"* kept attention layers {config['attention_layers']}: the teacher's own attention and "
+                         "weights (a KV cache in generation); the other blocks' mixers start from its attention "
+                         "weights, B and C projected from the block input (methods.md §13)")
     params = _parameter_count(folder.path)
     if params is not None:
         lines.append(f"* parameters stored: {params:,}")

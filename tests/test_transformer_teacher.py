@@ -254,6 +254,9 @@ def test_transformer_tiny_recipe_code_path(tmp_path):
     assert by_context["ratio_to_teacher"]["ctx2048"] > max(1.0, by_context["ratio_to_teacher"]["ctx256"])
     report = (run / "eval" / "report" / "report.md").read_text()
     assert "Energy per token by context length" in report
+    # the model cards say what each folder is
+    assert "4 layers, 4 attention heads (2 key/value)" in (run / "teacher" / "README.md").read_text()
+    assert "kept attention layers [1, 3]" in (run / "distill" / "README.md").read_text()
 
 
 def test_attention_init_false_keeps_the_mixers_own_initialisation():
