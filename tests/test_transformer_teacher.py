@@ -29,6 +29,20 @@ def llama(layers: int = 1, heads: int = HEADS, kv: int = KV, tie: bool = True, s
     return model
 
 
+def char_llama(layers: int = 2, tie: bool = True):
+    """(the arithmetic task's character tokenizer, a random Llama with its vocabulary and special ids)."""
+    from stages.data import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer("0123456789+=")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=H, num_hidden_layers=layers, num_attention_heads=HEADS,
+        num_key_value_heads=KV, head_dim=DH, intermediate_size=12, tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer, LlamaForCausalLM(config).eval()
+
+
 def test_attention_initialisation_by_hand_one_layer():
     teacher = llama(layers=1, tie=False)
     student = from_transformer(teacher)
@@ -275,16 +289,8 @@ def test_a_dense_converted_student_is_compared_with_its_teacher():
     from datasets import Dataset
 
     from stages import tasks
-    from stages.data import build_char_tokenizer
 
-    tokenizer = build_char_tokenizer("0123456789+=")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
-        head_dim=DH, intermediate_size=12, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    teacher = LlamaForCausalLM(config).eval()
+    tokenizer, teacher = char_llama()
     student = from_transformer(teacher, keep_attention=[0]).eval()
     blocks = Dataset.from_dict({"input_ids": torch.randint(3, len(tokenizer), (2, 8)).tolist()})
     prompts = Dataset.from_dict({"prompt": ["1+2=", "3+4="], "answer": ["3", "7"]})
@@ -300,17 +306,10 @@ def test_a_hybrid_folder_loads_and_generates_without_spikerl(tmp_path):
     import subprocess
     import sys
 
-    from stages.data import build_char_tokenizer
     from tests.test_portable import WITHOUT_SPIKERL, without_spikerl_env
 
-    tokenizer = build_char_tokenizer("0123456789+=")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
-        head_dim=DH, intermediate_size=12, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    student = from_transformer(LlamaForCausalLM(config), keep_attention=[1], neurons=spiking.default_neurons()).eval()
+    tokenizer, teacher = char_llama()
+    student = from_transformer(teacher, keep_attention=[1], neurons=spiking.default_neurons()).eval()
     texts = ["12+34=", "5+6="]
     spiking.calibrate(student, [tokenizer(texts, return_tensors="pt", padding=True)])
     folder = tmp_path / "hybrid"
@@ -343,17 +342,9 @@ def test_a_pretrained_llama_folder_goes_through_the_pipeline(tmp_path):
     from pathlib import Path
 
     from pipeline.__main__ import main
-    from stages.data import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer("0123456789+=")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=32, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    tokenizer, llama_model = char_llama(tie=False)
     checkpoint = tmp_path / "my-llama"
-    LlamaForCausalLM(config).save_pretrained(checkpoint)
+    llama_model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
