@@ -86,7 +86,7 @@ class SpikingMambaConfig(MambaConfig):
         conv output through x_proj (which then yields Δ only): MambaInLlama's Mamba-1 mixer, the shape an
         attention layer's keys and queries map onto (`spiking.from_transformer`, methods.md §13).
     attention_layers: ids of blocks whose mixer is kept as the teacher's attention (a hybrid student;
-        generation keeps a KV cache for them). Those blocks carry no neurons.
+        generation keeps a KV cache for them). Their mixer carries no neurons (their MLP may).
     attention: the attention layers' settings, `LlamaConfig` fields (num_attention_heads,
         num_key_value_heads, head_dim, attention_bias, rope_parameters, max_position_embeddings).
     """
@@ -125,6 +125,8 @@ class SpikingMambaConfig(MambaConfig):
             raise ValueError(f"attention_layers: {bad[0]!r} is not a layer id in 0..{self.num_hidden_layers - 1}")
         if self.attention_layers and not self.attention:
             raise ValueError("attention_layers needs `attention` (the attention layers' LlamaConfig fields)")
+        # config.auto_map ("modeling.SpikingMambaConfig", HF's "<file>.<Class>" form) is written at
+        # save time by register_for_auto_class (end of this file), together with the code files.
 
     @property
     def layer_types(self) -> list[str]:
@@ -139,8 +141,6 @@ class SpikingMambaConfig(MambaConfig):
         )
         config._attn_implementation = "sdpa"  # exact softmax attention, PyTorch's fused kernel
         return config
-        # config.auto_map ("modeling.SpikingMambaConfig", HF's "<file>.<Class>" form) is written at
-        # save time by register_for_auto_class (end of this file), together with the code files.
 
 
 def apply_mask_to_padding_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
