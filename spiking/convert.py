@@ -79,18 +79,20 @@ def from_teacher(
     teacher: MambaForCausalLM | str | Path,
     neurons: dict | None = None,
     calibration_batches: Iterable | None = None,
+    keep_attention: Iterable[int] = (),
     **config_overrides,
 ) -> SpikingMambaForCausalLM:
     """The student: teacher's config + `neurons` + overrides, teacher's weights, on its device/dtype.
 
     New modules (neurons, an MLP from `mlp_intermediate_size`) keep their own initialisation; with
-    `calibration_batches` the neurons are calibrated on the teacher's activations.
+    `calibration_batches` the neurons are calibrated on the teacher's activations. A Transformer
+    teacher goes to `from_transformer` (with `keep_attention` and the overrides).
     """
     if is_transformer(teacher):
-        return from_transformer(teacher, neurons=neurons, calibration_batches=calibration_batches, **config_overrides)
-    if config_overrides.get("attention_layers"):
+        return from_transformer(teacher, neurons=neurons, keep_attention=keep_attention,
+                                calibration_batches=calibration_batches, **config_overrides)
+    if list(keep_attention):
         raise ValueError("keep_attention: the teacher is a Mamba; only a Transformer teacher has attention to keep")
-    config_overrides.pop("attention_layers", None)
     teacher = _load_teacher(teacher)
     fields = {k: v for k, v in teacher.config.to_dict().items() if k not in _BOOKKEEPING_KEYS}
     unknown = sorted(set(config_overrides) - set(fields) - _SPIKING_KEYS)
@@ -194,7 +196,7 @@ def from_transformer(
     """
     teacher = _transformer_teacher(teacher)
     tc = teacher.config
-    keep = sorted(set(int(i) for i in (config_overrides.pop("attention_layers", None) or keep_attention)))
+    keep = sorted(set(int(i) for i in keep_attention))
     bad = [i for i in keep if not 0 <= i < tc.num_hidden_layers]
     if bad:
         raise ValueError(f"keep_attention: {bad[0]} is not a layer id of the teacher (0..{tc.num_hidden_layers - 1})")
@@ -215,6 +217,9 @@ def from_transformer(
             max_position_embeddings=tc.max_position_embeddings,
         ),
     )
+    fixed = sorted({"bc_proj", "attention_layers", "attention"} & set(config_overrides))
+    if fixed:  # the conversion sets them (the weights are copied to match): keep_attention chooses the layers
+        raise ValueError(f"from_transformer: {fixed[0]!r} is set by the conversion; choose kept layers with keep_attention")
     unknown = sorted(set(config_overrides) - set(fields) - _SPIKING_KEYS - {"conv_kernel", "time_step_rank"})
     if unknown:
         raise ValueError(f"from_transformer: unknown config override {unknown[0]!r}")

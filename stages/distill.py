@@ -239,7 +239,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     try:
         student = spiking.from_teacher(
             teacher, neurons=neurons, calibration_batches=calibration, scan_backend=ctx.model.scan_backend,
-            **({"attention_layers": cfg.keep_attention} if cfg.keep_attention else {}),
+            keep_attention=cfg.keep_attention,
             **({} if cfg.attention_init else {"attention_init": False}),
         )
     except ValueError as error:  # e.g. an unknown placement: name the recipe field

@@ -162,7 +162,7 @@ def test_from_teacher_dispatches_and_the_distill_loop_learns():
         for layer in teacher.model.layers:
             layer.self_attn.o_proj.weight.mul_(30)
             layer.mlp.down_proj.weight.mul_(30)
-    student = spiking.from_teacher(teacher, neurons=spiking.default_neurons(), attention_layers=[1])
+    student = spiking.from_teacher(teacher, neurons=spiking.default_neurons(), keep_attention=[1])
     assert isinstance(student, spiking.SpikingMambaForCausalLM) and student.config.attention_layers == [1]
     ids = torch.randint(3, 13, (8, 12))
     spiking.calibrate(student, [ids])
@@ -209,7 +209,7 @@ def test_conversion_errors_name_the_problem():
         from_transformer(biased)
     mamba = spiking.SpikingMambaForCausalLM(spiking.SpikingMambaConfig(vocab_size=13, hidden_size=8, num_hidden_layers=1))
     with pytest.raises(ValueError, match="keep_attention: the teacher is a Mamba"):
-        spiking.from_teacher(mamba, attention_layers=[0])
+        spiking.from_teacher(mamba, keep_attention=[0])
     with pytest.raises(ValueError, match="to_hf_mamba"):
         spiking.to_hf_mamba(from_transformer(llama(layers=1)))
 
