@@ -35,8 +35,9 @@ _BOOKKEEPING_KEYS = {"model_type", "architectures", "auto_map", "transformers_ve
 _SPIKING_KEYS = {"neurons", "spiking", "mlp_intermediate_size", "scan_backend", "bc_proj", "attention_layers", "attention"}
 # Transformer teachers whose decoder layer is Llama's: q/k/v/o projections (RoPE), a gated SiLU MLP
 # (gate/up/down), RMSNorm before each. Their FFN fits the student's MLP, their attention transformers'
-# LlamaAttention. GPT-2 (LayerNorm, GELU MLP, fused c_attn) and Qwen2 (q/k/v bias) do not fit.
-LLAMA_LAYOUT = ("llama", "mistral")
+# LlamaAttention (Qwen2's q/k/v biases included: a kept layer gets attention_bias and a zero o_proj
+# bias). GPT-2 (LayerNorm, GELU MLP, fused c_attn) does not fit.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
 
 
 def _mamba2_error(what: str) -> NotImplementedError:
@@ -136,13 +137,21 @@ def _transformer_teacher(teacher):
             f"(RMSNorm, gated SiLU MLP) holds Llama-layout teachers: {list(LLAMA_LAYOUT)}"
         )
     problems = {
-        "hidden_act": (config.hidden_act, "silu"), "attention_bias": (getattr(config, "attention_bias", False), False),
-        "mlp_bias": (getattr(config, "mlp_bias", False), False), "sliding_window": (getattr(config, "sliding_window", None), None),
+        "hidden_act": (config.hidden_act, "silu"), "mlp_bias": (getattr(config, "mlp_bias", False) or False, False),
+        "sliding_window": (getattr(config, "sliding_window", None), None),
     }
     for key, (value, wanted) in problems.items():
         if value != wanted:
             raise ValueError(f"from_transformer: teacher config {key}={value!r} is not supported (needs {wanted!r})")
+    kinds = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+    if kinds:
+        raise ValueError(f"from_transformer: teacher layer_types {kinds} are not supported (full attention only)")
     return teacher
+
+
+def _attention_bias(attention) -> bool:
+    """Whether an attention module has any projection bias (Qwen2: q, k, v; Llama with attention_bias: all four)."""
+    return any(getattr(attention, f"{n}_proj").bias is not None for n in "qkvo")
 
 
 @torch.no_grad()
@@ -151,7 +160,8 @@ def init_from_attention(mixer, attention, num_heads: int, num_kv_heads: int, hea
 
     Copied: x (in_proj's first half) <- V, repeated per query head as GQA shares it; B <- K;
     C <- Q, the query heads sharing one KV head averaged, times the score scale 1/sqrt(head_dim);
-    out_proj <- O. The state size N takes the first N rows of K and of the averaged Q (all of them
+    out_proj <- O. Projection biases (Qwen2's q/k/v) have no place in the mixer and are dropped.
+    The state size N takes the first N rows of K and of the averaged Q (all of them
     at N = num_kv_heads·head_dim: then C·B = Σ_kv-heads q·k/sqrt(dh), one merged head). The conv
     starts as the identity (x = SiLU(V·h) at the start). New (the mixer's own initialisation): the
     gate z (in_proj's second half), Δ (x_proj, dt_proj), A, D. RoPE and the softmax have no place.
@@ -212,7 +222,8 @@ def from_transformer(
         eos_token_id=tc.eos_token_id, initializer_range=tc.initializer_range, mlp_intermediate_size=tc.intermediate_size,
         bc_proj=True, attention_layers=keep,
         attention=dict(
-            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, attention_bias=False,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            attention_bias=_attention_bias(teacher.model.layers[0].self_attn),
             attention_dropout=tc.attention_dropout, rope_parameters=dict(tc.rope_parameters),
             max_position_embeddings=tc.max_position_embeddings,
         ),
@@ -238,7 +249,11 @@ def from_transformer(
             for name in ("gate_proj", "up_proj", "down_proj"):  # the student's MLP may hold neurons too
                 getattr(block.mlp, name).weight.copy_(getattr(layer.mlp, name).weight)
             if i in keep:
-                block.mixer.load_state_dict(layer.self_attn.state_dict())
+                state = layer.self_attn.state_dict()
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # a bias the teacher lacks is 0 (Qwen2's o_proj)
+                    if config.attention["attention_bias"] and f"{name}.bias" not in state:
+                        state[f"{name}.bias"] = torch.zeros_like(getattr(block.mixer, name).bias)
+                block.mixer.load_state_dict(state)
             elif attention_init:
                 init_from_attention(block.mixer, layer.self_attn, heads, kv_heads, head_dim)
     student.config._name_or_path = tc._name_or_path

@@ -203,10 +203,10 @@ def test_conversion_errors_name_the_problem():
         from_transformer(gpt2)
     with pytest.raises(ValueError, match="keep_attention: 5 is not a layer id"):
         from_transformer(llama(layers=2), keep_attention=[5])
-    biased = llama(layers=1)
-    biased.config.attention_bias = True
-    with pytest.raises(ValueError, match="attention_bias=True"):
-        from_transformer(biased)
+    gelu = llama(layers=1)
+    gelu.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        from_transformer(gelu)
     mamba = spiking.SpikingMambaForCausalLM(spiking.SpikingMambaConfig(vocab_size=13, hidden_size=8, num_hidden_layers=1))
     with pytest.raises(ValueError, match="keep_attention: the teacher is a Mamba"):
         spiking.from_teacher(mamba, keep_attention=[0])
@@ -360,3 +360,31 @@ def test_a_pretrained_llama_folder_goes_through_the_pipeline(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), original.state_dict().values()))
     student = spiking.load_deployed(run / "distill")
     assert student.config.attention_layers == [0] and not student.config.tie_word_embeddings
+
+
+def test_a_qwen2_teacher_with_qkv_bias():
+    """Qwen2 (q/k/v biases, no o_proj bias): every layer kept reproduces it; converted layers drop the biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=13, hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
+        intermediate_size=12, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    teacher = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # biases away from 0, so a dropped one shows
+        for layer in teacher.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, name).bias.uniform_(-0.5, 0.5)
+    ids = torch.randint(3, 13, (2, 9))
+    kept = from_transformer(teacher, keep_attention=[0, 1]).eval()
+    assert kept.config.attention["attention_bias"]
+    with torch.no_grad():
+        assert torch.allclose(kept(ids).logits, teacher(ids).logits, atol=1e-6)
+        assert torch.equal(kept.backbone.layers[0].mixer.o_proj.bias, torch.zeros(H))
+    converted = from_transformer(teacher, keep_attention=[1]).eval()
+    mixer = converted.backbone.layers[0].mixer
+    assert torch.equal(mixer.bc_proj.weight[: KV * DH], teacher.model.layers[0].self_attn.k_proj.weight)
+    with torch.no_grad():
+        assert converted(ids).logits.isfinite().all()
