@@ -1,6 +1,7 @@
 """How much the converted student's accuracy depends on the seed of its new mixer weights.
 
     python benchmarks/transformer_seeds.py [--run runs/transformer-tiny] [--seeds 0 1 2] [--keep 3] [--keep 1,3]
+                                           [--keep ""]       (every layer converted, no attention kept)
                                            [--random-init]   (the converted mixers not started from attention)
 
 On a finished run of recipes/transformer-tiny.yaml (its data and Llama teacher), the distill stage
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", action="append", default=None, help="comma-separated layer ids; repeat for several")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "transformer-tiny.yaml")
     parser.add_argument("--random-init", action="store_true", help="attention_init: false (Mamba's own init)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default benchmarks/results/transformer_seeds[_random_init].json)")
     args = parser.parse_args(argv)
     keeps = [[int(i) for i in k.split(",") if i != ""] for k in (args.keep or ["3"])]
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"run": str(args.run), "teacher_accuracy": teacher_accuracy, "attention_init": not args.random_init,
               "rows": rows, "summary": summary}
     name = "transformer_seeds_random_init.json" if args.random_init else "transformer_seeds.json"
-    out_file = ROOT / "benchmarks" / "results" / name
+    out_file = args.out or ROOT / "benchmarks" / "results" / name
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2))
     return result
