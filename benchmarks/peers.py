@@ -19,8 +19,13 @@ Generation: greedy `model.generate`, d256 x 4, batch 16, prompt 8, 64 new tokens
   * student          fused one-token backbone step (spiking/fused_step.py)
   * teacher (own)    SpikingMambaForCausalLM with neurons {} (the project's mixer), same fused step
   * teacher (own), per-layer / student, per-layer   scan_backend "ref": the per-layer Python step
+With `--run DIR` (a finished run folder, e.g. runs/small after `spikerl run recipes/small.yaml`), the
+same generation table for the run's own trained models: its teacher (HF generate with mambapy, and
+on the project's mixer) against its deployed student (the newest of rl / sparsify / distill), on
+prompts cut from the run's held-out corpus blocks, so the student spikes at the rates it was trained to.
 
     python benchmarks/peers.py                          # 2 threads, 5 timed reps (after 1 warm-up)
+    python benchmarks/peers.py --skip-training --run runs/small   # + the trained student of a run
     python benchmarks/peers.py --threads 2 --reps 7 --skip-generation
 
 Prints the tables (time and ratio to HF + mambapy) and writes benchmarks/results/peers.json.
@@ -72,7 +77,7 @@ QUIET: "Quiet | None" = None  # set in main from the flags
 
 GEN_LABELS = {
     "hf_generate": "HF generate (use_mambapy=True)",
-    "student": "student, SI-LIF D=4 (fused step)",
+    "student": "student (fused step)",
     "teacher_own": "teacher on the project's mixer (fused step)",
     "teacher_own_ref": "teacher on the project's mixer, per-layer (ref)",
     "student_ref": "student, per-layer (ref)",
@@ -181,6 +186,70 @@ def print_training(rows, header=True):
         print(f"{row['shape']:16s} " + " ".join(cells), flush=True)
 
 
+@torch.no_grad()
+def generation_of_run(args) -> dict:
+    """The generation table for a finished run's own teacher and deployed student (real weights, real text)."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    run = Path(args.run)
+    stage = next((s for s in ("rl", "sparsify", "distill") if (run / s / "config.json").is_file()), None)
+    if stage is None or not (run / "teacher" / "config.json").is_file():
+        sys.exit(f"--run {run}: needs a finished teacher/ and one of rl/, sparsify/, distill/ (a model folder each)")
+    hf = MambaForCausalLM.from_pretrained(run / "teacher", use_mambapy=True)
+    student = AutoModelForCausalLM.from_pretrained(run / stage)
+    student.config.scan_backend = "auto"
+    teacher_own = from_teacher(hf, neurons={})
+    copies = {}
+    for name, model in {"student": student, "teacher_own": teacher_own}.items():
+        copies[name + "_ref"] = copy.deepcopy(model)
+        copies[name + "_ref"].config.scan_backend = "ref"
+    blocks = load_from_disk(str(run / "data" / "corpus"))["test"]
+    batch, prompt_len, new = args.gen_batch, 8, args.new_tokens
+    if len(blocks) < batch:
+        sys.exit(f"--run {run}: {len(blocks)} held-out blocks, fewer than --gen-batch {batch}")
+    prompt = torch.tensor([blocks[i]["input_ids"][:prompt_len] for i in range(batch)])
+    models = {"hf_generate": hf, "student": student, "teacher_own": teacher_own} | copies
+    # use_cache: a run's saved configs say False (training); generation here is the cached kind
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  pad_token_id=0, eos_token_id=None, use_cache=True)
+    outputs = {}
+
+    def run_one(name, model):
+        outputs[name] = model.generate(prompt, **kwargs)
+
+    for model in models.values():
+        model.eval()
+    times = interleaved({name: (lambda n=name, m=m: run_one(n, m)) for name, m in models.items()}, args.reps,
+                        args.warmup, QUIET)
+    anchor = batch * new / statistics.median(times["hf_generate"])
+    result = {"run": str(run), "student_stage": stage, "hidden": hf.config.hidden_size,
+              "layers": hf.config.num_hidden_layers, "vocab": hf.config.vocab_size, "batch": batch,
+              "prompt_len": prompt_len, "new_tokens": new, "student_neurons": sorted(student.config.neurons),
+              "models": {}}
+    for name, t in times.items():
+        tps = batch * new / statistics.median(t)
+        result["models"][name] = {"tokens_per_s": tps, "times_s": t, "vs_hf_generate": tps / anchor}
+    result["same_tokens"] = {
+        "student_fused_vs_per_layer": bool(torch.equal(outputs["student"], outputs["student_ref"])),
+        "teacher_own_fused_vs_per_layer": bool(torch.equal(outputs["teacher_own"], outputs["teacher_own_ref"])),
+        "teacher_own_vs_hf": bool(torch.equal(outputs["teacher_own"], outputs["hf_generate"])),
+    }
+    return result
+
+
+def print_generation(gen: dict, title: str) -> None:
+    print(f"\n{title}: greedy generate, d{gen['hidden']}x{gen['layers']}, batch {gen['batch']}, "
+          f"{gen['new_tokens']} new tokens (tokens/s, x HF generate)")
+    for name, label in GEN_LABELS.items():
+        r = gen["models"][name]
+        print(f"  {label:52s} {r['tokens_per_s']:8.0f}  x{r['vs_hf_generate']:.2f}")
+    s, t = gen["models"]["student"], gen["models"]["teacher_own"]
+    print(f"  student / teacher on the project's mixer (both fused): x{s['tokens_per_s'] / t['tokens_per_s']:.2f}; "
+          f"student / that teacher per-layer: x{s['tokens_per_s'] / gen['models']['teacher_own_ref']['tokens_per_s']:.2f}")
+    print(f"  same tokens: {gen['same_tokens']}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -194,6 +263,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--run", default=None,
+                        help="a finished run folder: also time its own teacher and deployed student (real weights)")
     parser.add_argument("--quiet-threshold", type=float, default=0.15,
                         help="drop and redo a round in which other processes kept more than this many cores busy")
     parser.add_argument("--max-wait", type=float, default=1800, help="seconds of waiting for quiet rounds, in all")
@@ -226,15 +297,11 @@ def main():
             print(f"  {row['shape']}: neurons on / off x{s['median_s'] / off['median_s']:.2f}")
     if not args.skip_generation:
         gen = payload["generation"] = generation(args)
-        print(f"\ngreedy generate, d{gen['hidden']}x{gen['layers']}, batch {gen['batch']}, "
-              f"{gen['new_tokens']} new tokens (tokens/s, x HF generate)")
-        for name, label in GEN_LABELS.items():
-            r = gen["models"][name]
-            print(f"  {label:52s} {r['tokens_per_s']:8.0f}  x{r['vs_hf_generate']:.2f}")
-        s, t = gen["models"]["student"], gen["models"]["teacher_own"]
-        print(f"  student / teacher on the project's mixer (both fused): x{s['tokens_per_s'] / t['tokens_per_s']:.2f}; "
-              f"student / that teacher per-layer: x{s['tokens_per_s'] / gen['models']['teacher_own_ref']['tokens_per_s']:.2f}")
-        print(f"  same tokens: {gen['same_tokens']}")
+        print_generation(gen, "random weights, SI-LIF D=4 calibrated")
+    if args.run:
+        gen = payload["generation_of_run"] = generation_of_run(args)
+        print_generation(gen, f"{gen['run']}: its teacher and its {gen['student_stage']} student "
+                              f"(neurons on {', '.join(gen['student_neurons'])}), held-out text prompts")
     payload["load_average_end"] = os.getloadavg()
     if QUIET is not None:
         payload["quiet"] = {"threshold_cores": QUIET.threshold, "rounds_dropped": QUIET.dropped,

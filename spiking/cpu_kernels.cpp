@@ -631,6 +631,101 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
+// out [B, O] = x [B, K] @ WT [K, O] (+ bias), reading only the rows of WT whose input entry is
+// nonzero: a spike-driven projection. x holds a neuron's output (s·V, mostly 0 after sparsify), so
+// the work is (nonzero entries) x O instead of B x K x O. The nonzero entries are listed per row
+// first (CSR); then each 64-wide column block of WT ([K, 64], 64 KB at K = 256) is read by every
+// batch row in turn while it is in cache, 4 output vectors in registers (4 independent FMA
+// chains). Column blocks run in parallel.
+at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "spike_linear: x must be [B, K] float32");
+  TORCH_CHECK(WT.scalar_type() == at::kFloat && WT.dim() == 2 && WT.is_contiguous() && WT.size(0) == x.size(1),
+              "spike_linear: WT must be [K, O] float32, contiguous");
+  const int64_t batch = x.size(0), K = x.size(1), O = WT.size(1);
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O, "spike_linear: bias must be [O]");
+  at::Tensor out = at::empty({batch, O}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = WT.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  std::vector<int64_t> start(batch + 1, 0), index;
+  std::vector<float> value;
+  index.reserve(batch * K / 4);
+  value.reserve(batch * K / 4);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = xp + b * ld;
+    for (int64_t k = 0; k < K; ++k)
+      if (row[k] != 0.0f) {
+        index.push_back(k * O);
+        value.push_back(row[k]);
+      }
+    start[b + 1] = static_cast<int64_t>(index.size());
+  }
+  constexpr int64_t kBlock = 4 * W;
+  const int64_t n_blocks = (O + kBlock - 1) / kBlock;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c = blk * kBlock;
+      for (int64_t b = 0; b < batch; ++b) {
+        float* o = op + b * O + c;
+        const int64_t* idx = index.data() + start[b];
+        const float* val = value.data() + start[b];
+        const int64_t n = start[b + 1] - start[b];
+        if (c + kBlock <= O) {
+          vf a0 = bp ? load_n(bp + c, W) : splat(0.0f), a1 = bp ? load_n(bp + c + W, W) : splat(0.0f);
+          vf a2 = bp ? load_n(bp + c + 2 * W, W) : splat(0.0f), a3 = bp ? load_n(bp + c + 3 * W, W) : splat(0.0f);
+          for (int64_t i = 0; i < n; ++i) {
+            const float v = val[i];
+            const float* w = wp + idx[i] + c;
+            a0 += v * load_n(w, W);
+            a1 += v * load_n(w + W, W);
+            a2 += v * load_n(w + 2 * W, W);
+            a3 += v * load_n(w + 3 * W, W);
+          }
+          store_n(o, a0, W);
+          store_n(o + W, a1, W);
+          store_n(o + 2 * W, a2, W);
+          store_n(o + 3 * W, a3, W);
+        } else {  // the last, partial block: one vector at a time
+          for (int64_t cc = c; cc < O; cc += W) {
+            const int w = static_cast<int>(std::min<int64_t>(W, O - cc));
+            vf acc = bp ? load_n(bp + cc, w) : splat(0.0f);
+            for (int64_t i = 0; i < n; ++i) acc += val[i] * load_n(wp + idx[i] + cc, w);
+            store_n(op + b * O + cc, acc, w);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// The share of nonzero inputs up to which spike_linear beats the dense matmul. Measured with
+// benchmarks/spike_linear.py on the 2-core VM (d256 and mamba-130m shapes, outputs of at least one
+// 64-wide block): at batch 1-16 it wins up to 0.5 (1.06-1.47x there) and loses from about 0.6; at
+// batch 64 the dense GEMM's blocking pays sooner (0.88-1.35x at 0.4, 1.17x and more at 0.3).
+// Narrower outputs (x_proj's 48) stay dense.
+double max_density(int64_t batch) { return batch <= 16 ? 0.5 : 0.3; }
+
+double density(const at::Tensor& x) {
+  const float* p = x.data_ptr<float>();
+  const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
+  int64_t nonzero = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) nonzero += p[r * ld + c] != 0.0f;
+  return static_cast<double>(nonzero) / static_cast<double>(rows * cols);
+}
+
+// A projection of a neuron's output: spike-driven when W^T was planned (a neuron feeds it) and few
+// enough inputs fired, else the dense matmul. Same sums; only the order of the additions differs.
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& WT,
+                   const std::optional<at::Tensor>& bias) {
+  if (WT.has_value() && WT->size(1) >= 4 * W && density(x) <= max_density(x.size(0))) return spike_linear(x, *WT, bias);
+  return linear(x, weight, bias);
+}
+
 void apply_neuron(at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kind, int64_t levels, double lam) {
   if (kind == kNoNeuron) return;
   TORCH_CHECK(V.has_value() && V->is_contiguous() && V->numel() == x.size(1), "neuron threshold: bad shape");
@@ -640,11 +735,12 @@ void apply_neuron(at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kin
 
 // The slots of one layer in `tensors` (spiking/fused_step.py builds them in this order).
 enum Slot {
-  kNorm, kInV, kInW, kInB, kConvW, kConvB, kConvState, kXV, kXW, kDtW, kDtB, kA, kDskip, kSsmState, kOutV, kOutW,
-  kOutB, kMlpNorm, kUpV, kGateW, kUpW, kDownV, kDownW, kSlots
+  kNorm, kInV, kInW, kInB, kConvW, kConvB, kConvState, kXV, kXW, kDtV, kDtW, kDtB, kA, kDskip, kSsmState, kOutV,
+  kOutW, kOutB, kMlpNorm, kUpV, kGateW, kUpW, kDownV, kDownW, kInWT, kOutWT, kGateWT, kUpWT,
+  kDownWT, kSlots
 };
-constexpr int kIntsPerLayer = 10;   // (kind, levels) for in_proj, x_proj, out_proj, mlp.up, mlp.down
-constexpr int kFloatsPerLayer = 7;  // eps of norm, eps of mlp_norm, SGC λ of the five placements
+constexpr int kIntsPerLayer = 12;   // (kind, levels) for in_proj, x_proj, out_proj, mlp.up, mlp.down, dt_proj
+constexpr int kFloatsPerLayer = 8;  // eps of norm, eps of mlp_norm, SGC λ of the six placements
 
 // hidden [B, H] (the token's embeddings) -> the backbone's normed output [B, H]; the conv and SSM
 // states in `tensors` are updated in place. ints = [n_layers, per layer ...]; floats = [eps of
@@ -667,7 +763,7 @@ at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional
     // 1. norm, neuron, in_proj -> [x | z]  [B, 2D]
     at::Tensor x = rmsnorm(h, *slot(kNorm), lf[0]);
     apply_neuron(x, slot(kInV), li[0], li[1], lf[2]);
-    const at::Tensor proj = linear(x, *slot(kInW), slot(kInB));
+    const at::Tensor proj = project(x, *slot(kInW), slot(kInWT), slot(kInB));
     const int64_t dim = proj.size(1) / 2;
 
     // 2. causal conv over the K-window (the state shifts by one token), SiLU
@@ -697,7 +793,8 @@ at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional
       silu_(xp, batch * dim);
     }
 
-    // 3. x_proj (neuron on its input), dt_proj -> Δ (bias included), B, C
+    // 3. x_proj (neuron on its input), dt_proj (neuron on its input, the first R columns) -> Δ (bias
+    //    included), B, C
     at::Tensor xn = xc;
     if (li[2] != kNoNeuron) {
       xn = xc.clone();
@@ -706,7 +803,12 @@ at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional
     const at::Tensor dbc = at::mm(xn, slot(kXW)->t());  // [B, R + 2N]
     const at::Tensor A = *slot(kA);
     const int64_t N = A.size(1), R = slot(kDtW)->size(1);
-    const at::Tensor dt = at::addmm(*slot(kDtB), dbc.narrow(1, 0, R), slot(kDtW)->t());  // [B, D]
+    at::Tensor dt_in = dbc.narrow(1, 0, R);
+    if (li[10] != kNoNeuron) {  // a copy: B and C, the other columns of dbc, reach the scan without a neuron
+      dt_in = dt_in.contiguous().clone();
+      apply_neuron(dt_in, slot(kDtV), li[10], li[11], lf[7]);
+    }
+    const at::Tensor dt = at::addmm(*slot(kDtB), dt_in, slot(kDtW)->t());  // [B, D]
 
     // 4. state update, D skip, gate y·SiLU(z)
     at::Tensor ssm_state = *slot(kSsmState);
@@ -722,18 +824,18 @@ at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional
 
     // 5. neuron, out_proj, residual
     apply_neuron(y, slot(kOutV), li[4], li[5], lf[4]);
-    h.add_(linear(y, *slot(kOutW), slot(kOutB)));
+    h.add_(project(y, *slot(kOutW), slot(kOutWT), slot(kOutB)));
 
     // 6. optional gated MLP: down(SiLU(gate(x)) · up(x)) on its own norm, + residual
     if (slot(kMlpNorm).has_value()) {
       at::Tensor m = rmsnorm(h, *slot(kMlpNorm), lf[1]);
       apply_neuron(m, slot(kUpV), li[6], li[7], lf[5]);
-      at::Tensor gate = at::mm(m, slot(kGateW)->t());
-      const at::Tensor up = at::mm(m, slot(kUpW)->t());
+      at::Tensor gate = project(m, *slot(kGateW), slot(kGateWT), std::nullopt);
+      const at::Tensor up = project(m, *slot(kUpW), slot(kUpWT), std::nullopt);
       silu_(gate.data_ptr<float>(), gate.numel());
       gate.mul_(up);
       apply_neuron(gate, slot(kDownV), li[8], li[9], lf[6]);
-      h.add_(at::mm(gate, slot(kDownW)->t()));
+      h.add_(project(gate, *slot(kDownW), slot(kDownWT), std::nullopt));
     }
   }
   return rmsnorm(h, *tensors.get(n_layers * kSlots), floats[0]);
@@ -755,4 +857,5 @@ TORCH_LIBRARY(spikerl_cpu, m) {
       "Tensor? dt_bias, bool softplus) -> Tensor",
       &state_update_op);
   m.def("backbone_step(Tensor hidden, Tensor?[] tensors, int[] ints, float[] floats) -> Tensor", &backbone_step);
+  m.def("spike_linear(Tensor x, Tensor WT, Tensor? bias) -> Tensor", &spike_linear);
 }

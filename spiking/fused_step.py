@@ -5,10 +5,13 @@ step. Through the modules that step is ~40 small PyTorch ops per block (norm, ne
 conv window, x_proj, dt_proj, the state update, gate, neuron, out_proj, residual), each a few µs
 of dispatch for a few µs of work, so Python overhead grew with the number of layers. Here
 `spikerl_cpu::backbone_step` (spiking/cpu_kernels.cpp) runs all blocks for the token:
-RMSNorm, the neurons (SI-LIF / ATMN closed form, SGC), the projections through ATen's own
-matmuls (the very calls `F.linear` makes), the causal conv on the cached window, Δ's softplus,
-the state update vectorised over N, the gate and the residual, updating the cache's conv and
-SSM states in place. It computes what the per-layer path computes (tested: same logits within
+RMSNorm, the neurons (SI-LIF / ATMN closed form, SGC; on in_proj, x_proj, dt_proj, out_proj and the
+MLP), the projections, the causal conv on the cached window, Δ's softplus, the state update
+vectorised over N, the gate and the residual, updating the cache's conv and SSM states in place.
+A projection fed by a neuron is spike-driven when few of its inputs fired (`spike_linear`: only
+the W^T rows of nonzero inputs are read; at most half of them at batch <= 16, 30% above, the
+crossing measured by benchmarks/spike_linear.py), else it is ATen's own matmul (the very call
+`F.linear` makes). It computes what the per-layer path computes (tested: same logits within
 fp32 rounding, same greedy tokens).
 
 It runs when it can do exactly what the modules would, else the per-layer path runs (the reason is
@@ -19,6 +22,10 @@ thresholds (ATA), no hidden states requested. The plan (the list of tensors the 
 is built at the first step of a cache, kept on the cache and reused for its later steps; it is
 rebuilt when a threshold or A_log changes in place, a neuron's levels or SGC λ change, or the
 cache's state tensors are replaced (beam search reorders them). Per token the Python left is that check, ~1 µs a layer.
+The W^T copies are kept on the cache, so they are made once per cache (per `generate` call: a few
+ms at d256 x 4) and double the memory of the spiking projections' weights while it generates. Kept
+across calls they would go stale when a weight is written through `.data` (PEFT's LoRA merge does),
+which no version counter sees.
 
 Tests: `OMP_NUM_THREADS=1 python -m pytest tests/test_cpu_kernels.py -q`.
 """
@@ -38,11 +45,13 @@ logger = logging.getLogger(__name__)
 
 # One block's entries in the C++ step's tensor list; the order of `enum Slot` in cpu_kernels.cpp.
 SLOTS = (
-    "norm", "in_V", "in_w", "in_b", "conv_w", "conv_b", "conv_state", "x_V", "x_w", "dt_w", "dt_b", "A", "Dskip",
-    "ssm_state", "out_V", "out_w", "out_b", "mlp_norm", "up_V", "gate_w", "up_w", "down_V", "down_w",
+    "norm", "in_V", "in_w", "in_b", "conv_w", "conv_b", "conv_state", "x_V", "x_w", "dt_V", "dt_w", "dt_b", "A",
+    "Dskip", "ssm_state", "out_V", "out_w", "out_b", "mlp_norm", "up_V", "gate_w", "up_w", "down_V", "down_w",
+    "in_wt", "out_wt", "gate_wt", "up_wt", "down_wt",
 )
 NEURON_IDS = {None: 0, "si_lif": 1, "atmn": 2}
 _logged: set[str] = set()
+
 
 
 def _log_once(message: str) -> None:
@@ -63,9 +72,9 @@ def _plain(module: nn.Module, kind: type) -> bool:
 
 
 # The neurons the step knows, by owner: {ModuleDict key: config placement}. A neuron the model holds
-# under any other name (a dt_proj neuron, say) makes the step stand aside: it must never run a model
-# without its neurons. The LM head's neuron is the backbone's, applied after the step by the module.
-MIXER_NEURONS = {NEURON_MODULE_NAMES[p]: p for p in ("in_proj", "x_proj", "out_proj")}
+# under any other name makes the step stand aside: it must never run a model without its neurons.
+# The LM head's neuron is the backbone's, applied after the step by the module.
+MIXER_NEURONS = {NEURON_MODULE_NAMES[p]: p for p in ("in_proj", "x_proj", "dt_proj", "out_proj")}
 MLP_NEURONS = {NEURON_MODULE_NAMES[p]: p for p in ("mlp.up", "mlp.down")}
 
 
@@ -118,6 +127,16 @@ class _Plan:
         except _Unsupported as why:
             self.error = str(why)
 
+    def _weight_t(self, weight: torch.Tensor, cache) -> torch.Tensor:
+        """W^T [in, out], contiguous, for the spike-driven projection; kept on the cache, so a plan made
+        again for the same cache (beam search replaces its states every step) does not copy it again."""
+        self._source(weight)
+        held = cache.__dict__.setdefault("_spikerl_weight_t", {})
+        entry = held.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != weight._version:
+            entry = held[id(weight)] = (weight, weight._version, weight.detach().t().contiguous())
+        return entry[2]
+
     def _source(self, parameter: torch.Tensor) -> None:
         self.sources.append((parameter, parameter._version))
 
@@ -156,6 +175,7 @@ class _Plan:
         _check_neuron_names(mixer, MIXER_NEURONS, f"layer {index}")
         in_V, in_i, in_l = self._neuron_slot(mixer, NEURON_MODULE_NAMES["in_proj"])
         x_V, x_i, x_l = self._neuron_slot(mixer, NEURON_MODULE_NAMES["x_proj"])
+        dt_V, dt_i, dt_l = self._neuron_slot(mixer, NEURON_MODULE_NAMES["dt_proj"])
         out_V, out_i, out_l = self._neuron_slot(mixer, NEURON_MODULE_NAMES["out_proj"])
         self._source(mixer.A_log)
         A = -torch.exp(mixer.A_log.detach().float())  # as the mixer computes it
@@ -163,10 +183,14 @@ class _Plan:
         entries = {
             "norm": block.norm.weight, "in_V": in_V, "in_w": mixer.in_proj.weight, "in_b": mixer.in_proj.bias,
             "conv_w": mixer.conv1d.weight.reshape(dim, -1), "conv_b": mixer.conv1d.bias, "conv_state": conv_state,
-            "x_V": x_V, "x_w": mixer.x_proj.weight, "dt_w": mixer.dt_proj.weight, "dt_b": mixer.dt_proj.bias,
+            "x_V": x_V, "x_w": mixer.x_proj.weight, "dt_V": dt_V, "dt_w": mixer.dt_proj.weight, "dt_b": mixer.dt_proj.bias,
             "A": A.contiguous(), "Dskip": mixer.D, "ssm_state": ssm_state, "out_V": out_V, "out_w": mixer.out_proj.weight,
             "out_b": mixer.out_proj.bias,
         }
+        # spikes in: W^T for the spike-driven projection (the step picks it when few inputs fired)
+        for V, name, linear in ((in_V, "in_wt", mixer.in_proj), (out_V, "out_wt", mixer.out_proj)):
+            if V is not None:
+                entries[name] = self._weight_t(linear.weight, cache)
         mlp_i, mlp_l, mlp_eps = [0, 0, 0, 0], [0.0, 0.0], 0.0
         if block.mlp is not None:
             mlp = block.mlp
@@ -180,6 +204,10 @@ class _Plan:
             down_V, down_i, down_l = self._neuron_slot(mlp, NEURON_MODULE_NAMES["mlp.down"])
             entries |= {"mlp_norm": block.mlp_norm.weight, "up_V": up_V, "gate_w": mlp.gate_proj.weight,
                         "up_w": mlp.up_proj.weight, "down_V": down_V, "down_w": mlp.down_proj.weight}
+            for V, name, linear in ((up_V, "gate_wt", mlp.gate_proj), (up_V, "up_wt", mlp.up_proj),
+                                    (down_V, "down_wt", mlp.down_proj)):
+                if V is not None:
+                    entries[name] = self._weight_t(linear.weight, cache)
             mlp_i, mlp_l, mlp_eps = up_i + down_i, [up_l, down_l], float(block.mlp_norm.variance_epsilon)
         for name in SLOTS:
             value = entries.get(name)
@@ -188,8 +216,8 @@ class _Plan:
                     raise _Unsupported(f"layer {index}: {name} is {value.dtype}, the fused step is fp32")
                 value = value.detach()
             self.tensors.append(value)
-        self.ints += in_i + x_i + out_i + mlp_i
-        self.floats += [float(block.norm.variance_epsilon), mlp_eps, in_l, x_l, out_l, *mlp_l]
+        self.ints += in_i + x_i + out_i + mlp_i + dt_i
+        self.floats += [float(block.norm.variance_epsilon), mlp_eps, in_l, x_l, out_l, *mlp_l, dt_l]
 
     def stale(self, backbone: nn.Module, cache) -> bool:
         """True when this plan no longer describes the model and its cache (then it is rebuilt).

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import spiking
 from spiking import SpikingMambaConfig, SpikingMambaForCausalLM, calibrate, count_spikes, default_neurons
@@ -155,6 +156,10 @@ MODELS = {
                     "mlp.up": {"kind": "si_lif", "D": 2}, "mlp.down": {"kind": "atmn", "T": 2}},
         "mlp_intermediate_size": 24,
     },
+    # recipes/small.yaml's sparsified student: ATMN on every linear layer's input, dt_proj's too
+    "atmn-every-linear": {
+        "neurons": {p: {"kind": "atmn", "T": 4} for p in ("in_proj", "x_proj", "dt_proj", "out_proj", "head")},
+    },
 }
 
 
@@ -167,6 +172,11 @@ def tiny_model(fields: dict, state_size: int = 16) -> SpikingMambaForCausalLM:
                 block.mlp.down_proj.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     if fields.get("neurons"):
         calibrate(model, [{"input_ids": torch.randint(2, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))}])
+        # calibration puts the percentile's own inputs exactly on a level (|x / V| = top level): an
+        # ATMN count (trunc) there flips on one ulp of the norm's rounding. Trained thresholds sit
+        # anywhere; move these off the calibration's grid so the paths are compared, not the knife-edge.
+        for _, neuron in spiking.neurons.iter_neurons(model):
+            neuron.set_threshold_(neuron.threshold().detach() * 1.0137)
     return model
 
 
@@ -275,13 +285,6 @@ def test_fused_step_steps_aside_when_it_cannot_do_what_the_modules_do(caplog):
         cache = model(ids[:, :5], use_cache=True).cache
         assert fused_step_module.decode_step(model.backbone, hidden, cache) is None
     assert any("do not match the placements" in m for m in caplog.messages)
-    # a dt_proj neuron (issue 15's placement) is one the C++ step does not compute: it stands aside
-    model = tiny_model({"neurons": {**default_neurons(D=4), "dt_proj": {"kind": "si_lif", "D": 4}}})
-    fused_step_module._logged.clear()
-    with caplog.at_level(logging.INFO, logger=fused_step_module.__name__), torch.no_grad():
-        cache = model(ids[:, :5], use_cache=True).cache
-        assert fused_step_module.decode_step(model.backbone, model.backbone.embeddings(ids[:, 5:]), cache) is None
-    assert any("do not match the placements" in m for m in caplog.messages)
 
 
 def test_generating_in_training_mode_with_checkpointing_keeps_the_cache(monkeypatch):
@@ -314,3 +317,48 @@ def test_without_the_extension_auto_runs_the_ref_and_says_why(monkeypatch, caplo
     with torch.no_grad():
         assert model.generate(torch.tensor([[3, 4]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
     scan_module._logged_choices.clear()
+
+
+@needs_extension
+@pytest.mark.parametrize("bias", [False, True])
+def test_spike_linear_equals_the_dense_projection(bias):
+    """The spike-driven projection (only the W^T rows of nonzero inputs) against F.linear: O = 70 runs
+    the 4-vector blocks and the tail; rows all zero, sparse and dense; a strided input view."""
+    g = torch.Generator().manual_seed(12)
+    K, O = 40, 70
+    weight = torch.randn(O, K, generator=g)
+    b = torch.randn(O, generator=g) if bias else None
+    x = torch.randint(-4, 5, (5, K), generator=g).float() * (torch.rand(5, K, generator=g) < 0.1) * 0.37
+    x[0] = 0.0
+    x[1] = torch.randn(K, generator=g)  # every entry nonzero
+    wide = torch.zeros(5, 2 * K)
+    wide[:, :K] = x
+    for inp in (x, wide[:, :K]):
+        out = torch.ops.spikerl_cpu.spike_linear(inp, weight.t().contiguous(), b)
+        assert_close("spike_linear", out, F.linear(inp, weight, b), (1e-5, 1e-5))
+
+
+@needs_extension
+def test_fused_step_with_sparse_out_proj_spikes(monkeypatch, caplog):
+    """out_proj's spikes below the step's density bound: it projects them spike-driven, and the
+    logits and states still equal the per-layer path's."""
+    model = tiny_model({"neurons": {"in_proj": {"kind": "atmn", "T": 4}, "out_proj": {"kind": "atmn", "T": 4}}})
+    neurons = [block.mixer.neurons["out_proj_input"] for block in model.backbone.layers]
+    for neuron in neurons:
+        neuron.set_threshold_(neuron.threshold().detach() * 3.1)  # fewer spikes, as after sparsify
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(6))
+    with caplog.at_level(logging.INFO, logger=fused_step_module.__name__):
+        fused_step_module._logged.clear()
+        logits, states = decode(model, ids)
+    assert "one-token step: fused C++ backbone step" in caplog.messages
+    densities = []  # measured on the per-layer path (a hook makes the fused step stand aside)
+    for neuron in neurons:
+        neuron.register_forward_hook(lambda m, i, out: densities.append((out != 0).float().mean().item()))
+    with monkeypatch.context() as patch:
+        per_layer_path(patch)
+        logits_ref, states_ref = decode(model, ids)
+    step_densities = densities[len(model.backbone.layers):]  # the one-token steps, not the prefill
+    assert 0 < max(step_densities) <= 0.3  # under the C++ step's max_density at any batch: the sparse path ran
+    assert_close("logits fused vs per-layer", logits, logits_ref, (2e-5, 2e-5))
+    for i, ((conv, ssm), (conv_ref, ssm_ref)) in enumerate(zip(states, states_ref)):
+        assert_close(f"layer {i} ssm state", ssm, ssm_ref, (2e-5, 2e-5))
