@@ -53,7 +53,6 @@ NEURON_IDS = {None: 0, "si_lif": 1, "atmn": 2}
 _logged: set[str] = set()
 
 
-
 def _log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
