@@ -1,7 +1,7 @@
 """The spike-driven projection against the dense matmul, by share of nonzero inputs (CPU).
 
 `spikerl_cpu::spike_linear(x, W^T, bias)` reads only the rows of W^T whose input entry is nonzero
-(spiking/cpu_kernels.cpp); the fused one-token step uses it for out_proj when at most
+(spiking/cpu_kernels.cpp); the fused one-token step uses it for a projection a neuron feeds when at most
 `max_density(batch)` of its inputs fired, else ATen's dense matmul (what F.linear runs). This
 prints the time of each and their ratio at the projections' shapes of the small recipe (d256, a
 4,096-token vocabulary) and of mamba-130m, for decode batches 1, 16 and 64, so the crossing

@@ -634,16 +634,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 // out [B, O] = x [B, K] @ WT [K, O] (+ bias), reading only the rows of WT whose input entry is
 // nonzero: a spike-driven projection. x holds a neuron's output (s·V, mostly 0 after sparsify), so
 // the work is (nonzero entries) x O instead of B x K x O. The nonzero entries are listed per row
-// first (CSR); then each 64-wide column block of WT ([K, 64], 64 KB at K = 256) is read by every
-// batch row in turn while it is in cache, 4 output vectors in registers (4 independent FMA
-// chains). Column blocks run in parallel.
-at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "spike_linear: x must be [B, K] float32");
-  TORCH_CHECK(WT.scalar_type() == at::kFloat && WT.dim() == 2 && WT.is_contiguous() && WT.size(0) == x.size(1),
-              "spike_linear: WT must be [K, O] float32, contiguous");
+// first (CSR); then each column block of WT ([K, NV·16]) is read by every batch row in turn while
+// it is in cache, NV output vectors in registers (NV independent FMA chains). Column blocks run in
+// parallel. NV = 8 for outputs of 512 and more, 4 below (benchmarks/spike_linear.py: 8 is 1.3x
+// faster than 4 at in_proj's and the LM head's widths, slower at out_proj's 256).
+template <int NV>
+at::Tensor spike_linear_blocks(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
   const int64_t batch = x.size(0), K = x.size(1), O = WT.size(1);
-  if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O, "spike_linear: bias must be [O]");
   at::Tensor out = at::empty({batch, O}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = WT.data_ptr<float>();
@@ -663,37 +660,31 @@ at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::op
       }
     start[b + 1] = static_cast<int64_t>(index.size());
   }
-  constexpr int64_t kBlock = 4 * W;
+  constexpr int64_t kBlock = NV * W;
   const int64_t n_blocks = (O + kBlock - 1) / kBlock;
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c = blk * kBlock;
       for (int64_t b = 0; b < batch; ++b) {
-        float* o = op + b * O + c;
+        float* o = op + b * O;
         const int64_t* idx = index.data() + start[b];
         const float* val = value.data() + start[b];
         const int64_t n = start[b + 1] - start[b];
         if (c + kBlock <= O) {
-          vf a0 = bp ? load_n(bp + c, W) : splat(0.0f), a1 = bp ? load_n(bp + c + W, W) : splat(0.0f);
-          vf a2 = bp ? load_n(bp + c + 2 * W, W) : splat(0.0f), a3 = bp ? load_n(bp + c + 3 * W, W) : splat(0.0f);
+          vf acc[NV];
+          for (int j = 0; j < NV; ++j) acc[j] = bp ? load_n(bp + c + j * W, W) : splat(0.0f);
           for (int64_t i = 0; i < n; ++i) {
             const float v = val[i];
             const float* w = wp + idx[i] + c;
-            a0 += v * load_n(w, W);
-            a1 += v * load_n(w + W, W);
-            a2 += v * load_n(w + 2 * W, W);
-            a3 += v * load_n(w + 3 * W, W);
+            for (int j = 0; j < NV; ++j) acc[j] += v * load_n(w + j * W, W);
           }
-          store_n(o, a0, W);
-          store_n(o + W, a1, W);
-          store_n(o + 2 * W, a2, W);
-          store_n(o + 3 * W, a3, W);
+          for (int j = 0; j < NV; ++j) store_n(o + c + j * W, acc[j], W);
         } else {  // the last, partial block: one vector at a time
           for (int64_t cc = c; cc < O; cc += W) {
             const int w = static_cast<int>(std::min<int64_t>(W, O - cc));
             vf acc = bp ? load_n(bp + cc, w) : splat(0.0f);
             for (int64_t i = 0; i < n; ++i) acc += val[i] * load_n(wp + idx[i] + cc, w);
-            store_n(op + b * O + cc, acc, w);
+            store_n(o + cc, acc, w);
           }
         }
       }
@@ -702,11 +693,23 @@ at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::op
   return out;
 }
 
-// The share of nonzero inputs up to which spike_linear beats the dense matmul. Measured with
+constexpr int64_t kWide = 512;  // outputs from here on use 8-vector blocks
+
+at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "spike_linear: x must be [B, K] float32");
+  TORCH_CHECK(WT.scalar_type() == at::kFloat && WT.dim() == 2 && WT.is_contiguous() && WT.size(0) == x.size(1),
+              "spike_linear: WT must be [K, O] float32, contiguous");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == WT.size(1),
+                "spike_linear: bias must be [O]");
+  return WT.size(1) >= kWide ? spike_linear_blocks<8>(x, WT, bias) : spike_linear_blocks<4>(x, WT, bias);
+}
+
+// The share of nonzero inputs up to which spike_linear beats the dense matmul, measured with
 // benchmarks/spike_linear.py on the 2-core VM (d256 and mamba-130m shapes, outputs of at least one
-// 64-wide block): at batch 1-16 it wins up to 0.5 (1.06-1.47x there) and loses from about 0.6; at
-// batch 64 the dense GEMM's blocking pays sooner (0.88-1.35x at 0.4, 1.17x and more at 0.3).
-// Narrower outputs (x_proj's 48) stay dense.
+// 64-wide block): at batch <= 16 it is 1.06-1.46x faster at 0.5 and about even at 0.6; at batch 64
+// the dense GEMM's blocking pays sooner (1.01-2.9x at 0.3, 0.74-1.55x at 0.5). Narrower outputs
+// (x_proj's 48) stay dense.
 double max_density(int64_t batch) { return batch <= 16 ? 0.5 : 0.3; }
 
 double density(const at::Tensor& x) {

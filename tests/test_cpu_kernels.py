@@ -321,11 +321,13 @@ def test_without_the_extension_auto_runs_the_ref_and_says_why(monkeypatch, caplo
 
 @needs_extension
 @pytest.mark.parametrize("bias", [False, True])
-def test_spike_linear_equals_the_dense_projection(bias):
+@pytest.mark.parametrize("O", [70, 530])
+def test_spike_linear_equals_the_dense_projection(bias, O):
     """The spike-driven projection (only the W^T rows of nonzero inputs) against F.linear: O = 70 runs
-    the 4-vector blocks and the tail; rows all zero, sparse and dense; a strided input view."""
+    the 4-vector blocks and the tail, O = 530 the 8-vector ones and a tail; rows all zero, sparse
+    and dense; a strided input view."""
     g = torch.Generator().manual_seed(12)
-    K, O = 40, 70
+    K = 40
     weight = torch.randn(O, K, generator=g)
     b = torch.randn(O, generator=g) if bias else None
     x = torch.randint(-4, 5, (5, K), generator=g).float() * (torch.rand(5, K, generator=g) < 0.1) * 0.37

@@ -1,0 +1,63 @@
+"""Where a token's time goes in cached generation: a run's student against its teacher, under torch.profiler.
+
+Loads a finished run's teacher (on the project's mixer, `neurons={}`) and its deployed student
+(rl, else sparsify, else distill), generates greedily once to warm up, then once more under
+torch.profiler, and prints each model's total self CPU time of the ops and the largest shares
+(aten::mm = the dense matmuls, spikerl_cpu::backbone_step = the fused step's own C++: neurons,
+spike-driven projections, conv, state update). Self time is the calling thread's; the wall clock
+also holds generate's Python and the worker threads.
+
+    python benchmarks/generation_profile.py --run runs/small          # batch 16, 64 new tokens, 2 threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from datasets import load_from_disk  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from transformers import AutoModelForCausalLM, MambaForCausalLM  # noqa: E402
+
+import spiking  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a finished run folder (teacher/, data/ and a student stage)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    stage = next((s for s in ("rl", "sparsify", "distill") if (run / s / "config.json").is_file()), None)
+    if stage is None or not (run / "teacher" / "config.json").is_file():
+        sys.exit(f"--run {run}: needs a finished teacher/ and one of rl/, sparsify/, distill/")
+    blocks = load_from_disk(str(run / "data" / "corpus"))["test"]
+    prompt = torch.tensor([blocks[i]["input_ids"][:8] for i in range(args.batch)])
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
+    student = AutoModelForCausalLM.from_pretrained(run / stage).eval()
+    student.config.scan_backend = "auto"
+    teacher = spiking.from_teacher(MambaForCausalLM.from_pretrained(run / "teacher"), neurons={}).eval()
+    for name, model in ((f"student ({stage})", student), ("teacher on the project's mixer", teacher)):
+        with torch.no_grad():
+            model.generate(prompt, **kwargs)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.generate(prompt, **kwargs)
+        self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        total = sum(self_us.values())
+        print(f"{name}: ops' self CPU time {total / 1e3:.1f} ms for {args.new_tokens} steps")
+        for key, us in sorted(self_us.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"  {key:40s} {us / 1e3:8.1f} ms  {us / total:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
