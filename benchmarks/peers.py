@@ -137,6 +137,35 @@ def training(args) -> list[dict]:
     return rows
 
 
+def time_generation(models: dict, prompt: torch.Tensor, new: int, args, **extra) -> tuple[dict, dict]:
+    """Greedy `generate` of `new` tokens by every model, interleaved: ({name: tokens/s, times, x HF},
+    same tokens on every path). `models` holds hf_generate, student, teacher_own and their _ref twins."""
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  pad_token_id=0, eos_token_id=None, **extra)
+    outputs = {}
+
+    def run(name, model):
+        outputs[name] = model.generate(prompt, **kwargs)
+
+    for model in models.values():
+        model.eval()
+    times = interleaved({name: (lambda n=name, m=m: run(n, m)) for name, m in models.items()}, args.reps, args.warmup,
+                        QUIET)
+    batch = prompt.shape[0]
+    anchor = batch * new / statistics.median(times["hf_generate"])
+    rows = {}
+    for name, t in times.items():
+        tps = batch * new / statistics.median(t)
+        rows[name] = {"tokens_per_s": tps, "times_s": t, "vs_hf_generate": tps / anchor}
+    # same tokens: the student's fused and per-layer paths, the teacher's fused and per-layer paths and HF
+    same = {
+        "student_fused_vs_per_layer": bool(torch.equal(outputs["student"], outputs["student_ref"])),
+        "teacher_own_fused_vs_per_layer": bool(torch.equal(outputs["teacher_own"], outputs["teacher_own_ref"])),
+        "teacher_own_vs_hf": bool(torch.equal(outputs["teacher_own"], outputs["hf_generate"])),
+    }
+    return rows, same
+
+
 @torch.no_grad()
 def generation(args) -> dict:
     hidden, layers, batch, prompt_len, new = 256, 4, args.gen_batch, 8, args.new_tokens
@@ -148,30 +177,9 @@ def generation(args) -> dict:
     teacher_own_ref.config.scan_backend = "ref"
     models = {"hf_generate": hf, "student": made["student"], "teacher_own": teacher_own,
               "teacher_own_ref": teacher_own_ref, "student_ref": made["student_ref"]}
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                  pad_token_id=0, eos_token_id=None)
-    outputs = {}
-
-    def run(name, model):
-        outputs[name] = model.generate(prompt, **kwargs)
-
-    for model in models.values():
-        model.eval()
-    times = interleaved({name: (lambda n=name, m=m: run(n, m)) for name, m in models.items()}, args.reps, args.warmup,
-                        QUIET)
-    anchor = batch * new / statistics.median(times["hf_generate"])
-    result = {"hidden": hidden, "layers": layers, "batch": batch, "prompt_len": prompt_len, "new_tokens": new,
-              "models": {}}
-    for name, t in times.items():
-        tps = batch * new / statistics.median(t)
-        result["models"][name] = {"tokens_per_s": tps, "times_s": t, "vs_hf_generate": tps / anchor}
-    # same tokens: the student's fused and per-layer paths, the teacher's fused and per-layer paths and HF
-    result["same_tokens"] = {
-        "student_fused_vs_per_layer": bool(torch.equal(outputs["student"], outputs["student_ref"])),
-        "teacher_own_fused_vs_per_layer": bool(torch.equal(outputs["teacher_own"], outputs["teacher_own_ref"])),
-        "teacher_own_vs_hf": bool(torch.equal(outputs["teacher_own"], outputs["hf_generate"])),
-    }
-    return result
+    rows, same = time_generation(models, prompt, new, args)
+    return {"hidden": hidden, "layers": layers, "batch": batch, "prompt_len": prompt_len, "new_tokens": new,
+            "models": rows, "same_tokens": same}
 
 
 def print_training(rows, header=True):
@@ -211,31 +219,11 @@ def generation_of_run(args) -> dict:
     prompt = torch.tensor([blocks[i]["input_ids"][:prompt_len] for i in range(batch)])
     models = {"hf_generate": hf, "student": student, "teacher_own": teacher_own} | copies
     # use_cache: a run's saved configs say False (training); generation here is the cached kind
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                  pad_token_id=0, eos_token_id=None, use_cache=True)
-    outputs = {}
-
-    def run_one(name, model):
-        outputs[name] = model.generate(prompt, **kwargs)
-
-    for model in models.values():
-        model.eval()
-    times = interleaved({name: (lambda n=name, m=m: run_one(n, m)) for name, m in models.items()}, args.reps,
-                        args.warmup, QUIET)
-    anchor = batch * new / statistics.median(times["hf_generate"])
-    result = {"run": str(run), "student_stage": stage, "hidden": hf.config.hidden_size,
-              "layers": hf.config.num_hidden_layers, "vocab": hf.config.vocab_size, "batch": batch,
-              "prompt_len": prompt_len, "new_tokens": new, "student_neurons": sorted(student.config.neurons),
-              "models": {}}
-    for name, t in times.items():
-        tps = batch * new / statistics.median(t)
-        result["models"][name] = {"tokens_per_s": tps, "times_s": t, "vs_hf_generate": tps / anchor}
-    result["same_tokens"] = {
-        "student_fused_vs_per_layer": bool(torch.equal(outputs["student"], outputs["student_ref"])),
-        "teacher_own_fused_vs_per_layer": bool(torch.equal(outputs["teacher_own"], outputs["teacher_own_ref"])),
-        "teacher_own_vs_hf": bool(torch.equal(outputs["teacher_own"], outputs["hf_generate"])),
-    }
-    return result
+    rows, same = time_generation(models, prompt, new, args, use_cache=True)
+    return {"run": str(run), "student_stage": stage, "hidden": hf.config.hidden_size,
+            "layers": hf.config.num_hidden_layers, "vocab": hf.config.vocab_size, "batch": batch,
+            "prompt_len": prompt_len, "new_tokens": new, "student_neurons": sorted(student.config.neurons),
+            "models": rows, "same_tokens": same}
 
 
 def print_generation(gen: dict, title: str) -> None:
