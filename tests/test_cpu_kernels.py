@@ -364,3 +364,34 @@ def test_fused_step_with_sparse_out_proj_spikes(monkeypatch, caplog):
     assert_close("logits fused vs per-layer", logits, logits_ref, (2e-5, 2e-5))
     for i, ((conv, ssm), (conv_ref, ssm_ref)) in enumerate(zip(states, states_ref)):
         assert_close(f"layer {i} ssm state", ssm, ssm_ref, (2e-5, 2e-5))
+
+
+@needs_extension
+def test_fused_step_with_sparse_mlp_spikes(monkeypatch, caplog):
+    """The MLP's projections take the spike-driven path too (gate and up share the up neuron's
+    spikes, down has its own): with few spikes the logits still equal the per-layer path's."""
+    torch.manual_seed(0)
+    fields = {"neurons": {"mlp.up": {"kind": "atmn", "T": 4}, "mlp.down": {"kind": "atmn", "T": 4}},
+              "mlp_intermediate_size": 80}  # gate / up 80 wide and down 64: at least one 64-wide block each
+    model = SpikingMambaForCausalLM(SpikingMambaConfig(**(TINY | {"hidden_size": 64}), **fields)).eval()
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.mlp.down_proj.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    calibrate(model, [{"input_ids": torch.randint(2, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))}])
+    neurons = [n for block in model.backbone.layers for n in block.mlp.neurons.values()]
+    for neuron in neurons:
+        neuron.set_threshold_(neuron.threshold().detach() * 2.7)  # fewer spikes, off the calibration grid
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(6))
+    with caplog.at_level(logging.INFO, logger=fused_step_module.__name__):
+        fused_step_module._logged.clear()
+        logits, _ = decode(model, ids)
+    assert "one-token step: fused C++ backbone step" in caplog.messages
+    densities = []
+    for neuron in neurons:
+        neuron.register_forward_hook(lambda m, i, out: densities.append((out != 0).float().mean().item()))
+    with monkeypatch.context() as patch:
+        per_layer_path(patch)
+        logits_ref, _ = decode(model, ids)
+    steps = densities[len(neurons):]  # after the prefill
+    assert 0 < max(steps) <= 0.3  # under max_density at any batch: every MLP projection ran spike-driven
+    assert_close("logits fused vs per-layer", logits, logits_ref, (2e-5, 2e-5))
