@@ -5,7 +5,9 @@ Loads a finished run's teacher (on the project's mixer, `neurons={}`) and its de
 torch.profiler, and prints each model's total self CPU time of the ops and the largest shares
 (aten::mm = the dense matmuls, spikerl_cpu::backbone_step = the fused step's own C++: neurons,
 spike-driven projections, conv, state update). Self time is the calling thread's; the wall clock
-also holds generate's Python and the worker threads.
+also holds generate's Python and the worker threads. Last, the share of nonzero inputs of each
+student neuron over the one-token steps (measured on the per-layer path: a hook on a neuron makes
+the fused step stand aside), which decides when the step's projections run spike-driven.
 
     python benchmarks/generation_profile.py --run runs/small          # batch 16, 64 new tokens, 2 threads
 """
@@ -57,6 +59,20 @@ def main():
         print(f"{name}: ops' self CPU time {total / 1e3:.1f} ms for {args.new_tokens} steps")
         for key, us in sorted(self_us.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {key:40s} {us / 1e3:8.1f} ms  {us / total:6.1%}")
+    shares: dict[str, list[float]] = {}
+    for name, neuron in spiking.neurons.iter_neurons(student):
+        placement = name.rsplit(".", 1)[-1]
+
+        def record(module, inputs, out, placement=placement):
+            if out.shape[1] == 1:  # a one-token step, not the prefill
+                shares.setdefault(placement, []).append((out != 0).float().mean().item())
+
+        neuron.register_forward_hook(record)
+    with torch.no_grad():
+        student.generate(prompt, **kwargs)
+    print("student neurons, share of nonzero outputs over the one-token steps (mean, min, max):")
+    for placement, values in shares.items():
+        print(f"  {placement:20s} {sum(values) / len(values):.3f}  {min(values):.3f}  {max(values):.3f}")
 
 
 if __name__ == "__main__":

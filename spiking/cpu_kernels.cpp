@@ -636,8 +636,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
 // the work is (nonzero entries) x O instead of B x K x O. The nonzero entries are listed per row
 // first (CSR); then each column block of WT ([K, NV·16]) is read by every batch row in turn while
 // it is in cache, NV output vectors in registers (NV independent FMA chains). Column blocks run in
-// parallel. NV = 8 for outputs of 512 and more, 4 below (benchmarks/spike_linear.py: 8 is 1.3x
-// faster than 4 at in_proj's and the LM head's widths, slower at out_proj's 256).
+// parallel. NV = 8 for outputs of 512 and more, 4 below (a one-off A/B of the two on the 2-core VM,
+// not kept: 8 was about 1.25x faster than 4 at in_proj's and the LM head's widths at 50% nonzero,
+// slower at out_proj's 256).
 template <int NV>
 at::Tensor spike_linear_blocks(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
   const int64_t batch = x.size(0), K = x.size(1), O = WT.size(1);
