@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from datasets import load_from_disk  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from transformers import AutoModelForCausalLM, MambaForCausalLM  # noqa: E402
 
 import spiking  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peers import load_run  # noqa: E402 - benchmarks/peers.py, beside this script
 
 
 def main():
@@ -38,17 +39,11 @@ def main():
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    run = Path(args.run)
-    stage = next((s for s in ("rl", "sparsify", "distill") if (run / s / "config.json").is_file()), None)
-    if stage is None or not (run / "teacher" / "config.json").is_file():
-        sys.exit(f"--run {run}: needs a finished teacher/ and one of rl/, sparsify/, distill/")
-    blocks = load_from_disk(str(run / "data" / "corpus"))["test"]
-    prompt = torch.tensor([blocks[i]["input_ids"][:8] for i in range(args.batch)])
+    stage, hf, student, prompt = load_run(Path(args.run), args.batch)
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
-    student = AutoModelForCausalLM.from_pretrained(run / stage).eval()
-    student.config.scan_backend = "auto"
-    teacher = spiking.from_teacher(MambaForCausalLM.from_pretrained(run / "teacher"), neurons={}).eval()
+    student.eval()
+    teacher = spiking.from_teacher(hf, neurons={}).eval()  # the teacher on the project's mixer
     for name, model in ((f"student ({stage})", student), ("teacher on the project's mixer", teacher)):
         with torch.no_grad():
             model.generate(prompt, **kwargs)

@@ -194,29 +194,37 @@ def print_training(rows, header=True):
         print(f"{row['shape']:16s} " + " ".join(cells), flush=True)
 
 
-@torch.no_grad()
-def generation_of_run(args) -> dict:
-    """The generation table for a finished run's own teacher and deployed student (real weights, real text)."""
+def load_run(run: Path, batch: int, prompt_len: int = 8):
+    """A finished run's (student stage, its teacher as HF Mamba with mambapy, its deployed student
+    (newest of rl / sparsify / distill) on scan "auto", prompts [batch, prompt_len] cut from its
+    held-out corpus blocks). Exits with the reason when the folder lacks one of them."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
-    run = Path(args.run)
     stage = next((s for s in ("rl", "sparsify", "distill") if (run / s / "config.json").is_file()), None)
     if stage is None or not (run / "teacher" / "config.json").is_file():
         sys.exit(f"--run {run}: needs a finished teacher/ and one of rl/, sparsify/, distill/ (a model folder each)")
+    blocks = load_from_disk(str(run / "data" / "corpus"))["test"]
+    if len(blocks) < batch:
+        sys.exit(f"--run {run}: {len(blocks)} held-out blocks, fewer than the batch {batch}")
+    prompt = torch.tensor([blocks[i]["input_ids"][:prompt_len] for i in range(batch)])
     hf = MambaForCausalLM.from_pretrained(run / "teacher", use_mambapy=True)
     student = AutoModelForCausalLM.from_pretrained(run / stage)
     student.config.scan_backend = "auto"
+    return stage, hf, student, prompt
+
+
+@torch.no_grad()
+def generation_of_run(args) -> dict:
+    """The generation table for a finished run's own teacher and deployed student (real weights, real text)."""
+    run = Path(args.run)
+    batch, prompt_len, new = args.gen_batch, 8, args.new_tokens
+    stage, hf, student, prompt = load_run(run, batch, prompt_len)
     teacher_own = from_teacher(hf, neurons={})
     copies = {}
     for name, model in {"student": student, "teacher_own": teacher_own}.items():
         copies[name + "_ref"] = copy.deepcopy(model)
         copies[name + "_ref"].config.scan_backend = "ref"
-    blocks = load_from_disk(str(run / "data" / "corpus"))["test"]
-    batch, prompt_len, new = args.gen_batch, 8, args.new_tokens
-    if len(blocks) < batch:
-        sys.exit(f"--run {run}: {len(blocks)} held-out blocks, fewer than --gen-batch {batch}")
-    prompt = torch.tensor([blocks[i]["input_ids"][:prompt_len] for i in range(batch)])
     models = {"hf_generate": hf, "student": student, "teacher_own": teacher_own} | copies
     # use_cache: a run's saved configs say False (training); generation here is the cached kind
     rows, same = time_generation(models, prompt, new, args, use_cache=True)
