@@ -568,16 +568,18 @@ at::Tensor state_update_op(at::Tensor& state, const at::Tensor& x, const at::Ten
 
 enum NeuronKind { kNoNeuron = 0, kSILIF = 1, kATMN = 2 };
 
-// x [rows, cols] (row stride ld) in place: the closed-form neuron of spiking/neurons.py, the same
-// float ops in the same order (u = x / V, |u| (+ 0.5), floor, clip, sign, s·V), then SGC's mix.
-// floor is a truncation here (the value is >= 0), after clipping to levels + 1 so that the int
-// conversion cannot overflow; vectorised over 16 channels.
-void neuron_(float* x, int64_t rows, int64_t cols, int64_t ld, int kind, float levels, float lam, const float* V) {
-  if (kind == kNoNeuron) return;
+// src [rows, cols] (row stride src_ld) -> dst (row stride dst_ld; dst == src: in place): the
+// closed-form neuron of spiking/neurons.py, the same float ops in the same order (u = x / V,
+// |u| (+ 0.5), floor, clip, sign, s·V), then SGC's mix. floor is a truncation here (the value is
+// >= 0), after clipping to levels + 1 so that the int conversion cannot overflow; vectorised over
+// 16 channels.
+void neuron_(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols, int kind,
+             float levels, float lam, const float* V) {
   const float keep = static_cast<float>(1.0 - lam);
   const vf top = splat(levels), past_top = splat(levels + 1.0f), zero = splat(0.0f);
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = x + r * ld;
+    const float* row = src + r * src_ld;
+    float* out = dst + r * dst_ld;
     for (int64_t c = 0; c < cols; c += W) {
       const int k = static_cast<int>(std::min<int64_t>(W, cols - c));
       const vf xv = load_n(row + c, k);
@@ -591,7 +593,7 @@ void neuron_(float* x, int64_t rows, int64_t cols, int64_t ld, int kind, float l
       count = count > top ? top : count;
       const vf s = u > zero ? count : (u < zero ? -count : zero);
       const vf q = s * v;
-      store_n(row + c, lam == 0 ? q : keep * q + static_cast<float>(lam) * xv, k);
+      store_n(out + c, lam == 0 ? q : keep * q + static_cast<float>(lam) * xv, k);
     }
   }
 }
@@ -631,45 +633,68 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
+// The nonzero entries of a neuron's output x [B, K], row by row (CSR): index = k·O (the offset of
+// W^T's row k), value = x[b, k]. One branch-free pass (about half the entries are nonzero at the
+// crossing, where a branch would mispredict on every other one), stopped as soon as more than
+// `limit` entries fired: then the caller runs the dense matmul instead.
+struct Spikes {
+  std::vector<int64_t> start, index;
+  std::vector<float> value;
+};
+
+bool list_spikes(const at::Tensor& x, int64_t O, int64_t limit, Spikes& out) {
+  const int64_t batch = x.size(0), K = x.size(1), ld = x.stride(0);
+  const float* xp = x.data_ptr<float>();
+  out.start.assign(batch + 1, 0);
+  out.index.resize(batch * K + 1);  // + 1: the pass writes one slot past the last nonzero entry
+  out.value.resize(batch * K + 1);
+  int64_t* idx = out.index.data();
+  float* val = out.value.data();
+  int64_t n = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = xp + b * ld;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = row[k];
+      idx[n] = k * O;
+      val[n] = v;
+      n += v != 0.0f;
+    }
+    out.start[b + 1] = n;
+    if (n > limit) return false;
+  }
+  return true;
+}
+
 // out [B, O] = x [B, K] @ WT [K, O] (+ bias), reading only the rows of WT whose input entry is
 // nonzero: a spike-driven projection. x holds a neuron's output (s·V, mostly 0 after sparsify), so
-// the work is (nonzero entries) x O instead of B x K x O. The nonzero entries are listed per row
-// first (CSR); then each column block of WT ([K, NV·16]) is read by every batch row in turn while
-// it is in cache, NV output vectors in registers (NV independent FMA chains). Column blocks run in
-// parallel. NV = 8 for outputs of 512 and more, 4 below (a one-off A/B of the two on the 2-core VM,
-// not kept: 8 was about 1.25x faster than 4 at in_proj's and the LM head's widths at 50% nonzero,
-// slower at out_proj's 256).
+// the work is (nonzero entries) x O instead of B x K x O. With the nonzero entries listed per row
+// (CSR), each column block of WT ([K, NV·16]) is read by every batch row in turn while it is in
+// cache, NV output vectors in registers (NV independent FMA chains). Column blocks run in parallel
+// when there is enough work to share. NV = 8 for outputs of 512 and more, 4 below (a one-off A/B of
+// the two on the 2-core VM, not kept: 8 was about 1.25x faster than 4 at in_proj's and the LM
+// head's widths at 50% nonzero, slower at out_proj's 256).
 template <int NV>
-at::Tensor spike_linear_blocks(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
-  const int64_t batch = x.size(0), K = x.size(1), O = WT.size(1);
-  at::Tensor out = at::empty({batch, O}, x.options());
-  const float* xp = x.data_ptr<float>();
+at::Tensor spike_linear_blocks(const Spikes& spikes, int64_t batch, const at::Tensor& WT,
+                               const std::optional<at::Tensor>& bias) {
+  const int64_t O = WT.size(1);
+  at::Tensor out = at::empty({batch, O}, WT.options());
   const float* wp = WT.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const int64_t ld = x.stride(0);
-  std::vector<int64_t> start(batch + 1, 0), index;
-  std::vector<float> value;
-  index.reserve(batch * K / 4);
-  value.reserve(batch * K / 4);
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* row = xp + b * ld;
-    for (int64_t k = 0; k < K; ++k)
-      if (row[k] != 0.0f) {
-        index.push_back(k * O);
-        value.push_back(row[k]);
-      }
-    start[b + 1] = static_cast<int64_t>(index.size());
-  }
+  const int64_t* index = spikes.index.data();
+  const float* value = spikes.value.data();
+  const int64_t* start = spikes.start.data();
   constexpr int64_t kBlock = NV * W;
   const int64_t n_blocks = (O + kBlock - 1) / kBlock;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+  // below ~32k multiply-adds a block, waking the second thread costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, start[batch] * kBlock));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c = blk * kBlock;
       for (int64_t b = 0; b < batch; ++b) {
         float* o = op + b * O;
-        const int64_t* idx = index.data() + start[b];
-        const float* val = value.data() + start[b];
+        const int64_t* idx = index + start[b];
+        const float* val = value + start[b];
         const int64_t n = start[b + 1] - start[b];
         if (c + kBlock <= O) {
           vf acc[NV];
@@ -696,45 +721,66 @@ at::Tensor spike_linear_blocks(const at::Tensor& x, const at::Tensor& WT, const 
 
 constexpr int64_t kWide = 512;  // outputs from here on use 8-vector blocks
 
-at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
+at::Tensor spike_linear_listed(const Spikes& spikes, int64_t batch, const at::Tensor& WT,
+                               const std::optional<at::Tensor>& bias) {
+  return WT.size(1) >= kWide ? spike_linear_blocks<8>(spikes, batch, WT, bias)
+                             : spike_linear_blocks<4>(spikes, batch, WT, bias);
+}
+
+void check_spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "spike_linear: x must be [B, K] float32");
   TORCH_CHECK(WT.scalar_type() == at::kFloat && WT.dim() == 2 && WT.is_contiguous() && WT.size(0) == x.size(1),
               "spike_linear: WT must be [K, O] float32, contiguous");
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == WT.size(1),
                 "spike_linear: bias must be [O]");
-  return WT.size(1) >= kWide ? spike_linear_blocks<8>(x, WT, bias) : spike_linear_blocks<4>(x, WT, bias);
+}
+
+at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::optional<at::Tensor>& bias) {
+  check_spike_linear(x, WT, bias);
+  thread_local Spikes spikes;  // reused: no allocation per call
+  list_spikes(x, WT.size(1), x.numel(), spikes);
+  return spike_linear_listed(spikes, x.size(0), WT, bias);
 }
 
 // The share of nonzero inputs up to which spike_linear beats the dense matmul, measured with
 // benchmarks/spike_linear.py on the 2-core VM (d256 and mamba-130m shapes, outputs of at least one
-// 64-wide block): at batch <= 16 it is 1.06-1.46x faster at 0.5 and about even at 0.6; at batch 64
-// the dense GEMM's blocking pays sooner (1.01-2.9x at 0.3, 0.74-1.55x at 0.5). Narrower outputs
-// (x_proj's 48) stay dense.
-double max_density(int64_t batch) { return batch <= 16 ? 0.5 : 0.3; }
-
-double density(const at::Tensor& x) {
-  const float* p = x.data_ptr<float>();
-  const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
-  int64_t nonzero = 0;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) nonzero += p[r * ld + c] != 0.0f;
-  return static_cast<double>(nonzero) / static_cast<double>(rows * cols);
-}
+// 64-wide block): at batch 1 it is 2.1-2.4x faster even at 0.8; at batch 16 1.08-1.28x at 0.6 and
+// about even at 0.8; at batch 64 the dense GEMM's blocking pays sooner (1.37-1.76x at 0.4,
+// 1.01-1.14x at 0.5, slower at 0.6). Narrower outputs (x_proj's 48) stay dense.
+double max_density(int64_t batch) { return batch <= 16 ? 0.7 : 0.45; }
 
 // A projection of a neuron's output: spike-driven when W^T was planned (a neuron feeds it) and few
 // enough inputs fired, else the dense matmul. Same sums; only the order of the additions differs.
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& WT,
                    const std::optional<at::Tensor>& bias) {
-  if (WT.has_value() && WT->size(1) >= 4 * W && density(x) <= max_density(x.size(0))) return spike_linear(x, *WT, bias);
+  if (WT.has_value() && WT->size(1) >= 4 * W) {
+    thread_local Spikes spikes;
+    const auto limit = static_cast<int64_t>(max_density(x.size(0)) * static_cast<double>(x.numel()));
+    if (list_spikes(x, WT->size(1), limit, spikes)) return spike_linear_listed(spikes, x.size(0), *WT, bias);
+  }
   return linear(x, weight, bias);
 }
 
-void apply_neuron(at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kind, int64_t levels, double lam) {
+// The neuron on x [B, C] (row stride free, columns contiguous): into `out` when given, else in place.
+void apply_neuron(at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kind, int64_t levels, double lam,
+                  at::Tensor* out = nullptr) {
   if (kind == kNoNeuron) return;
   TORCH_CHECK(V.has_value() && V->is_contiguous() && V->numel() == x.size(1), "neuron threshold: bad shape");
-  neuron_(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), static_cast<int>(kind), static_cast<float>(levels),
-          static_cast<float>(lam), V->data_ptr<float>());
+  at::Tensor& dst = out ? *out : x;
+  neuron_(x.data_ptr<float>(), x.stride(0), dst.data_ptr<float>(), dst.stride(0), x.size(0), x.size(1),
+          static_cast<int>(kind), static_cast<float>(levels), static_cast<float>(lam), V->data_ptr<float>());
+}
+
+// x's neuron output as a new [B, C] tensor (x itself without a neuron): for inputs that other
+// consumers read unspiked (B and C beside dt_proj's input, the SSM's own input beside x_proj's).
+at::Tensor neuron_copy(const at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kind, int64_t levels,
+                       double lam) {
+  if (kind == kNoNeuron) return x;
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor src = x;
+  apply_neuron(src, V, kind, levels, lam, &out);
+  return out;
 }
 
 // The slots of one layer in `tensors` (spiking/fused_step.py builds them in this order).
@@ -746,16 +792,18 @@ enum Slot {
 constexpr int kIntsPerLayer = 12;   // (kind, levels) for in_proj, x_proj, out_proj, mlp.up, mlp.down, dt_proj
 constexpr int kFloatsPerLayer = 8;  // eps of norm, eps of mlp_norm, SGC λ of the six placements
 
-// hidden [B, H] (the token's embeddings) -> the backbone's normed output [B, H]; the conv and SSM
-// states in `tensors` are updated in place. ints = [n_layers, per layer ...]; floats = [eps of
-// norm_f, per layer ...]; tensors = per layer kSlots entries, then norm_f's weight.
+// hidden [B, H] (the token's embeddings) -> the backbone's normed output [B, H], through the LM
+// head's neuron when it has one; the conv and SSM states in `tensors` are updated in place.
+// ints = [n_layers, per layer ..., (kind, levels) of the head neuron]; floats = [eps of norm_f, per
+// layer ..., the head neuron's SGC λ]; tensors = per layer kSlots entries, norm_f's weight, the head
+// neuron's threshold V (or None).
 at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional<at::Tensor>>& tensors,
                          c10::ArrayRef<int64_t> ints, c10::ArrayRef<double> floats) {
   TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 2, "hidden must be [B, H] float32");
   const int64_t n_layers = ints[0];
-  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == n_layers * kSlots + 1 &&
-                  static_cast<int64_t>(ints.size()) == 1 + n_layers * kIntsPerLayer &&
-                  static_cast<int64_t>(floats.size()) == 1 + n_layers * kFloatsPerLayer,
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == n_layers * kSlots + 2 &&
+                  static_cast<int64_t>(ints.size()) == 3 + n_layers * kIntsPerLayer &&
+                  static_cast<int64_t>(floats.size()) == 2 + n_layers * kFloatsPerLayer,
               "backbone_step: argument lists do not match the layer count");
   at::Tensor h = hidden.contiguous().clone();  // the residual stream
   const int64_t batch = h.size(0);
@@ -799,19 +847,12 @@ at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional
 
     // 3. x_proj (neuron on its input), dt_proj (neuron on its input, the first R columns) -> Δ (bias
     //    included), B, C
-    at::Tensor xn = xc;
-    if (li[2] != kNoNeuron) {
-      xn = xc.clone();
-      apply_neuron(xn, slot(kXV), li[2], li[3], lf[3]);
-    }
+    const at::Tensor xn = neuron_copy(xc, slot(kXV), li[2], li[3], lf[3]);  // the scan reads xc unspiked
     const at::Tensor dbc = at::mm(xn, slot(kXW)->t());  // [B, R + 2N]
     const at::Tensor A = *slot(kA);
     const int64_t N = A.size(1), R = slot(kDtW)->size(1);
-    at::Tensor dt_in = dbc.narrow(1, 0, R);
-    if (li[10] != kNoNeuron) {  // a copy: B and C, the other columns of dbc, reach the scan without a neuron
-      dt_in = dt_in.contiguous().clone();
-      apply_neuron(dt_in, slot(kDtV), li[10], li[11], lf[7]);
-    }
+    // a copy: B and C, the other columns of dbc, reach the scan without a neuron
+    const at::Tensor dt_in = neuron_copy(dbc.narrow(1, 0, R), slot(kDtV), li[10], li[11], lf[7]);
     const at::Tensor dt = at::addmm(*slot(kDtB), dt_in, slot(kDtW)->t());  // [B, D]
 
     // 4. state update, D skip, gate y·SiLU(z)
@@ -842,7 +883,17 @@ at::Tensor backbone_step(const at::Tensor& hidden, const c10::List<std::optional
       h.add_(project(gate, *slot(kDownW), slot(kDownWT), std::nullopt));
     }
   }
-  return rmsnorm(h, *tensors.get(n_layers * kSlots), floats[0]);
+  at::Tensor out = rmsnorm(h, *tensors.get(n_layers * kSlots), floats[0]);
+  const int64_t* head = ints.data() + 1 + n_layers * kIntsPerLayer;
+  apply_neuron(out, tensors.get(n_layers * kSlots + 1), head[0], head[1], floats[1 + n_layers * kFloatsPerLayer]);
+  return out;
+}
+
+at::Tensor project_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& WT,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "project: x must be [B, K] float32");
+  if (WT.has_value()) check_spike_linear(x, *WT, bias);
+  return project(x, weight, WT, bias);
 }
 
 }  // namespace
@@ -862,4 +913,5 @@ TORCH_LIBRARY(spikerl_cpu, m) {
       &state_update_op);
   m.def("backbone_step(Tensor hidden, Tensor?[] tensors, int[] ints, float[] floats) -> Tensor", &backbone_step);
   m.def("spike_linear(Tensor x, Tensor WT, Tensor? bias) -> Tensor", &spike_linear);
+  m.def("project(Tensor x, Tensor weight, Tensor? WT, Tensor? bias) -> Tensor", &project_op);
 }

@@ -72,9 +72,10 @@ def _plain(module: nn.Module, kind: type) -> bool:
 
 # The neurons the step knows, by owner: {ModuleDict key: config placement}. A neuron the model holds
 # under any other name makes the step stand aside: it must never run a model without its neurons.
-# The LM head's neuron is the backbone's, applied after the step by the module.
+# The LM head's neuron is the backbone's: the step applies it to norm_f's output.
 MIXER_NEURONS = {NEURON_MODULE_NAMES[p]: p for p in ("in_proj", "x_proj", "dt_proj", "out_proj")}
 MLP_NEURONS = {NEURON_MODULE_NAMES[p]: p for p in ("mlp.up", "mlp.down")}
+BACKBONE_NEURONS = {NEURON_MODULE_NAMES["head"]: "head"}
 
 
 def _check_neuron_names(owner: nn.Module, known: dict[str, str], where: str) -> None:
@@ -117,24 +118,26 @@ class _Plan:
         self.neurons: list[tuple[nn.Module, int, float]] = []  # (neuron, levels, SGC λ) as planned
         self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # the cache's (conv, SSM) state per layer
         self.error: str | None = None
+        self.stepped: torch.Tensor | None = None  # the step's last output
+        self.spiking_head = False  # a neuron feeds the LM head: its projection may be spike-driven
         try:
             for index, block in enumerate(backbone.layers):
                 self._add_block(index, block, cache, batch)
             if not _plain_norm(backbone.norm_f):
                 raise _Unsupported("norm_f is not a plain RMSNorm")
             self.tensors.append(backbone.norm_f.weight.detach())
+            _check_neuron_names(backbone, BACKBONE_NEURONS, "the LM head")
+            head_V, head_i, head_l = self._neuron_slot(backbone, NEURON_MODULE_NAMES["head"])
+            self.tensors.append(head_V)
+            self.spiking_head = head_V is not None
+            self.ints += head_i
+            self.floats.append(head_l)
         except _Unsupported as why:
             self.error = str(why)
 
     def _weight_t(self, weight: torch.Tensor, cache) -> torch.Tensor:
-        """W^T [in, out], contiguous, for the spike-driven projection; kept on the cache, so a plan made
-        again for the same cache (beam search replaces its states every step) does not copy it again."""
         self._source(weight)
-        held = cache.__dict__.setdefault("_spikerl_weight_t", {})
-        entry = held.get(id(weight))
-        if entry is None or entry[0] is not weight or entry[1] != weight._version:
-            entry = held[id(weight)] = (weight, weight._version, weight.detach().t().contiguous())
-        return entry[2]
+        return _weight_t(weight, cache)
 
     def _source(self, parameter: torch.Tensor) -> None:
         self.sources.append((parameter, parameter._version))
@@ -242,6 +245,16 @@ class _Unsupported(Exception):
     pass
 
 
+def _weight_t(weight: torch.Tensor, cache) -> torch.Tensor:
+    """W^T [in, out], contiguous, for the spike-driven projection; kept on the cache, so a plan made
+    again for the same cache (beam search replaces its states every step) does not copy it again."""
+    held = cache.__dict__.setdefault("_spikerl_weight_t", {})
+    entry = held.get(id(weight))
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        entry = held[id(weight)] = (weight, weight._version, weight.detach().t().contiguous())
+    return entry[2]
+
+
 def _plain_norm(norm: nn.Module) -> bool:
     return type(norm).__name__ == "SpikingMambaRMSNorm" and not norm._forward_hooks and not norm._forward_pre_hooks
 
@@ -265,4 +278,25 @@ def decode_step(backbone: nn.Module, hidden: torch.Tensor, cache, attention_mask
     if plan.error is not None:
         return None
     out = torch.ops.spikerl_cpu.backbone_step(hidden.reshape(hidden.shape[0], -1), plan.tensors, plan.ints, plan.floats)
-    return out.unsqueeze(1)
+    plan.stepped = out.unsqueeze(1)  # what head_logits may project spike-driven (the head neuron's spikes)
+    return plan.stepped
+
+
+def head_logits(lm_head: nn.Module, hidden: torch.Tensor, cache) -> torch.Tensor | None:
+    """The LM head's logits [B, 1, V] for the fused step's output `hidden` [B, 1, H] (the head neuron's
+    spikes), spike-driven when few enough of them fired (`spikerl_cpu::project`, as the step's own
+    projections); None when the step did not run for this token or the head is not a plain fp32
+    nn.Linear (then the module runs). Same sums as the module; only the order of the additions differs."""
+    plan: _Plan | None = getattr(cache, "_spikerl_fused_step", None) if cache is not None else None
+    if plan is None or plan.error is not None or not plan.spiking_head or plan.stepped is None:
+        return None
+    stepped = plan.stepped  # held by the plan, so its memory is not reused: same pointer, same tensor
+    if hidden.data_ptr() != stepped.data_ptr() or hidden.shape != stepped.shape or hidden.stride() != stepped.stride():
+        return None
+    if not _plain(lm_head, nn.Linear) or lm_head.weight.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    x = hidden.reshape(hidden.shape[0], -1)
+    weight = lm_head.weight.detach()
+    bias = lm_head.bias.detach() if lm_head.bias is not None else None
+    logits = torch.ops.spikerl_cpu.project(x, weight, _weight_t(lm_head.weight, cache), bias)
+    return logits.unsqueeze(1)

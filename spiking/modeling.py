@@ -46,7 +46,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 from transformers.utils import ModelOutput
 
-from .fused_step import decode_step
+from .fused_step import decode_step, head_logits
 from .kernels import SCAN_BACKENDS, gate_neuron, resolve_backend, selective_scan, selective_state_update
 from .neurons import ATMN, DEFAULT_D, NEURON_MODULE_NAMES, NeuronSpec, make_neuron
 
@@ -585,7 +585,7 @@ class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
             # generation's one-token step: all blocks in one C++ call on CPU when it applies (fused_step.py)
             fused = decode_step(self, hidden_states, cache, attention_mask)
         if fused is not None:
-            hidden_states = fused
+            hidden_states = fused  # norm_f's output through the head neuron, as below
         else:
             for block in self.layers:
                 hidden_states = block(
@@ -594,8 +594,7 @@ class SpikingMambaModel(_NeuronOwner, SpikingMambaPreTrainedModel):
                 if output_hidden_states:
                     all_hidden_states = all_hidden_states + (hidden_states,)
             hidden_states = self.norm_f(hidden_states)
-        # the fused step returns norm_f's output too; the head neuron runs as a module on either path
-        hidden_states = self.spike("head", hidden_states)  # [B, L, H]: what the LM head reads, spikes included
+            hidden_states = self.spike("head", hidden_states)  # [B, L, H]: what the LM head reads, spikes included
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
 
@@ -687,7 +686,10 @@ class SpikingMambaForCausalLM(SpikingMambaPreTrainedModel, GenerationMixin):
             position_ids=position_ids,  # read by kept attention layers only: a recurrence needs no positions
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        # after the fused one-token step, the head's spikes are projected spike-driven (fused_step.py)
+        logits = head_logits(self.lm_head, hidden_states, _pick_cache(cache, past_key_values, cache_params))
+        if logits is None:
+            logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
         loss = None
         if labels is not None:

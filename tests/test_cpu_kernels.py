@@ -165,7 +165,7 @@ MODELS = {
 
 def tiny_model(fields: dict, state_size: int = 16) -> SpikingMambaForCausalLM:
     torch.manual_seed(0)
-    model = SpikingMambaForCausalLM(SpikingMambaConfig(**(TINY | {"state_size": state_size}), **fields)).eval()
+    model = SpikingMambaForCausalLM(SpikingMambaConfig(**(TINY | {"state_size": state_size} | fields))).eval()
     with torch.no_grad():
         for block in model.backbone.layers:
             if block.mlp is not None:  # a fresh MLP is a no-op (down_proj = 0): give it weights
@@ -338,6 +338,11 @@ def test_spike_linear_equals_the_dense_projection(bias, O):
     for inp in (x, wide[:, :K]):
         out = torch.ops.spikerl_cpu.spike_linear(inp, weight.t().contiguous(), b)
         assert_close("spike_linear", out, F.linear(inp, weight, b), (1e-5, 1e-5))
+    # project: spike-driven below the density bound, the dense matmul above it; the same sums either way
+    dense = torch.randn(5, K, generator=g)
+    for inp in (x[2:], dense):
+        out = torch.ops.spikerl_cpu.project(inp, weight, weight.t().contiguous(), b)
+        assert_close("project", out, F.linear(inp, weight, b), (1e-5, 1e-5))
 
 
 @needs_extension
@@ -394,4 +399,28 @@ def test_fused_step_with_sparse_mlp_spikes(monkeypatch, caplog):
         logits_ref, _ = decode(model, ids)
     steps = densities[len(neurons):]  # after the prefill
     assert 0 < max(steps) <= 0.3  # under max_density at any batch: every MLP projection ran spike-driven
+    assert_close("logits fused vs per-layer", logits, logits_ref, (2e-5, 2e-5))
+
+
+@needs_extension
+def test_the_head_neuron_and_a_spike_driven_lm_head_after_the_fused_step(monkeypatch, caplog):
+    """The step applies the LM head's neuron to norm_f's output, and the head projects those spikes
+    spike-driven (vocabulary 200: three 64-wide blocks and a tail) when few fired: the logits equal
+    the per-layer path's, where the neuron and the head run as modules."""
+    model = tiny_model({"neurons": {"in_proj": {"kind": "atmn", "T": 4}, "head": {"kind": "atmn", "T": 4}},
+                        "vocab_size": 200})
+    head = model.backbone.neurons["head_input"]
+    head.set_threshold_(head.threshold().detach() * 2.3)  # fewer spikes, as after sparsify
+    projected = []
+    original = modeling_module.head_logits
+    monkeypatch.setattr(modeling_module, "head_logits", lambda *a: projected.append(original(*a)) or projected[-1])
+    ids = torch.randint(2, 200, (3, 11), generator=torch.Generator().manual_seed(6))
+    logits, _ = decode(model, ids)
+    assert len(projected) == 8 and all(p is not None for p in projected[1:])  # every one-token step's head
+    densities = []
+    head.register_forward_hook(lambda m, i, out: densities.append((out != 0).float().mean().item()))
+    with monkeypatch.context() as patch:
+        per_layer_path(patch)
+        logits_ref, _ = decode(model, ids)
+    assert 0 < max(densities[1:]) <= 0.45  # under max_density at any batch: the head ran spike-driven
     assert_close("logits fused vs per-layer", logits, logits_ref, (2e-5, 2e-5))
