@@ -4,7 +4,8 @@ Loads a finished run's teacher (on the project's mixer, `neurons={}`) and its de
 (rl, else sparsify, else distill), generates greedily once to warm up, then once more under
 torch.profiler, and prints each model's total self CPU time of the ops and the largest shares
 (aten::mm = the dense matmuls, spikerl_cpu::backbone_step = the fused step's own C++: neurons,
-spike-driven projections, conv, state update). Self time is the calling thread's; the wall clock
+spike-driven projections, conv, state update; spikerl_cpu::project = the LM head's projection of
+the head neuron's spikes after the step). Self time is the calling thread's; the wall clock
 also holds generate's Python and the worker threads. Last, the share of nonzero inputs of each
 student neuron over the one-token steps (measured on the per-layer path: a hook on a neuron makes
 the fused step stand aside), which decides when the step's projections run spike-driven.

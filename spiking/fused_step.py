@@ -5,14 +5,15 @@ step. Through the modules that step is ~40 small PyTorch ops per block (norm, ne
 conv window, x_proj, dt_proj, the state update, gate, neuron, out_proj, residual), each a few µs
 of dispatch for a few µs of work, so Python overhead grew with the number of layers. Here
 `spikerl_cpu::backbone_step` (spiking/cpu_kernels.cpp) runs all blocks for the token:
-RMSNorm, the neurons (SI-LIF / ATMN closed form, SGC; on in_proj, x_proj, dt_proj, out_proj and the
-MLP), the projections, the causal conv on the cached window, Δ's softplus, the state update
-vectorised over N, the gate and the residual, updating the cache's conv and SSM states in place.
-A projection fed by a neuron is spike-driven when few of its inputs fired (`spike_linear`: only
-the W^T rows of nonzero inputs are read; at most half of them at batch <= 16, 30% above, the
-crossing measured by benchmarks/spike_linear.py), else it is ATen's own matmul (the very call
-`F.linear` makes). It computes what the per-layer path computes (tested: same logits within
-fp32 rounding, same greedy tokens).
+RMSNorm, the neurons (SI-LIF / ATMN closed form, SGC; on in_proj, x_proj, dt_proj, out_proj, the
+MLP and the LM head's input), the projections, the causal conv on the cached window, Δ's softplus,
+the state update vectorised over N, the gate and the residual, updating the cache's conv and SSM
+states in place. A projection fed by a neuron is spike-driven when few enough of its inputs fired
+(`spike_linear`: only the W^T rows of nonzero inputs are read; up to 70% of them at batch <= 16,
+45% above, the crossing measured by benchmarks/spike_linear.py), else it is ATen's own matmul
+(the very call `F.linear` makes); `head_logits` does the same for the LM head after the step. It
+computes what the per-layer path computes (tested: same logits within fp32 rounding, same greedy
+tokens).
 
 It runs when it can do exactly what the modules would, else the per-layer path runs (the reason is
 logged once): CPU fp32, no autograd, scan backend resolving to "cpu", a DynamicCache whose layers
