@@ -13,7 +13,9 @@ states in place. A projection fed by a neuron is spike-driven when few enough of
 45% above, the crossing measured by benchmarks/spike_linear.py), else it is ATen's own matmul
 (the very call `F.linear` makes); `head_logits` does the same for the LM head after the step. It
 computes what the per-layer path computes (tested: same logits within fp32 rounding, same greedy
-tokens).
+tokens). A spike-driven sum adds in another order than the dense matmul, so a neuron input within
+rounding of a level boundary can spike one level apart downstream: a spiking model is
+discontinuous there, and a generated token can then differ (README, Benchmarks).
 
 It runs when it can do exactly what the modules would, else the per-layer path runs (the reason is
 logged once): CPU fp32, no autograd, scan backend resolving to "cpu", a DynamicCache whose layers
