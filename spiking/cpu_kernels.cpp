@@ -646,8 +646,8 @@ bool list_spikes(const at::Tensor& x, int64_t O, int64_t limit, Spikes& out) {
   const int64_t batch = x.size(0), K = x.size(1), ld = x.stride(0);
   const float* xp = x.data_ptr<float>();
   out.start.assign(batch + 1, 0);
-  out.index.resize(batch * K + 1);  // + 1: the pass writes one slot past the last nonzero entry
-  out.value.resize(batch * K + 1);
+  out.index.resize(batch * K);  // the slot written for entry e is the count before it, at most e
+  out.value.resize(batch * K);
   int64_t* idx = out.index.data();
   float* val = out.value.data();
   int64_t n = 0;
@@ -745,9 +745,10 @@ at::Tensor spike_linear(const at::Tensor& x, const at::Tensor& WT, const std::op
 
 // The share of nonzero inputs up to which spike_linear beats the dense matmul, measured with
 // benchmarks/spike_linear.py on the 2-core VM (d256 and mamba-130m shapes, outputs of at least one
-// 64-wide block): at batch 1 it is 2.1-2.4x faster even at 0.8; at batch 16 1.08-1.28x at 0.6 and
-// about even at 0.8; at batch 64 the dense GEMM's blocking pays sooner (1.37-1.76x at 0.4,
-// 1.01-1.14x at 0.5, slower at 0.6). Narrower outputs (x_proj's 48) stay dense.
+// 64-wide block; benchmarks/results/spike_linear.json): at batch 1 it is 1.4-2.4x faster even at
+// 0.8; at batch 16 1.07-1.26x at 0.6 and 0.80-0.97x at 0.8; at batch 64 the dense GEMM's blocking
+// pays sooner (1.26-1.59x at 0.4, 0.99-1.16x at 0.5, 0.78-0.90x at 0.6). Narrower outputs
+// (x_proj's 48) stay dense.
 double max_density(int64_t batch) { return batch <= 16 ? 0.7 : 0.45; }
 
 // A projection of a neuron's output: spike-driven when W^T was planned (a neuron feeds it) and few
@@ -763,11 +764,11 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::opt
 }
 
 // The neuron on x [B, C] (row stride free, columns contiguous): into `out` when given, else in place.
-void apply_neuron(at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kind, int64_t levels, double lam,
-                  at::Tensor* out = nullptr) {
+void apply_neuron(const at::Tensor& x, const std::optional<at::Tensor>& V, int64_t kind, int64_t levels, double lam,
+                  const at::Tensor* out = nullptr) {
   if (kind == kNoNeuron) return;
   TORCH_CHECK(V.has_value() && V->is_contiguous() && V->numel() == x.size(1), "neuron threshold: bad shape");
-  at::Tensor& dst = out ? *out : x;
+  const at::Tensor& dst = out ? *out : x;
   neuron_(x.data_ptr<float>(), x.stride(0), dst.data_ptr<float>(), dst.stride(0), x.size(0), x.size(1),
           static_cast<int>(kind), static_cast<float>(levels), static_cast<float>(lam), V->data_ptr<float>());
 }
@@ -778,8 +779,7 @@ at::Tensor neuron_copy(const at::Tensor& x, const std::optional<at::Tensor>& V, 
                        double lam) {
   if (kind == kNoNeuron) return x;
   at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
-  at::Tensor src = x;
-  apply_neuron(src, V, kind, levels, lam, &out);
+  apply_neuron(x, V, kind, levels, lam, &out);
   return out;
 }
 
