@@ -20,7 +20,9 @@ Outputs under `run_dir/data/` (each loads with `datasets.load_from_disk` /
 `AutoTokenizer.from_pretrained`):
 
     corpus/       DatasetDict train/test, column input_ids: packed blocks of seq_len tokens,
-                  examples separated by EOS (for LM / KD training and perplexity)
+                  examples separated by EOS (for LM / KD training and perplexity); with
+                  task_in_corpus also `task`, the worked task examples alone, packed once each
+                  (a KD stage's `task_share` draws from it)
     prompts/      DatasetDict train/test, columns prompt, answer (TRL-ready: `prompt`)
     preferences/  Dataset prompt, chosen, rejected (only when preference_pairs is set)
     tokenizer/    the tokenizer every later stage uses
@@ -352,6 +354,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         train=pack(corpus_train, tokenizer, cfg.seq_len),
         test=pack(corpus_test, tokenizer, cfg.seq_len),
     )
+    if task_examples:  # the worked examples alone, once each: what a KD stage's task_share draws from
+        corpus["task"] = pack(worked, tokenizer, cfg.seq_len)
     if len(corpus["train"]) == 0:
         raise ValueError(
             f"data: the training corpus from {_name(cfg.source)} has fewer than seq_len={cfg.seq_len} tokens "
@@ -371,7 +375,11 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     }
     if task_examples:
         task_tokens = cfg.task_repeats * sum(len(ids) + 1 for ids in tokenizer(list(worked["text"]))["input_ids"])
-        metrics.update(task_examples_in_corpus=task_examples, task_token_share=task_tokens / max(1, metrics["corpus_train_tokens"]))
+        metrics.update(
+            task_examples_in_corpus=task_examples,
+            task_token_share=task_tokens / max(1, metrics["corpus_train_tokens"]),
+            task_blocks=len(corpus["task"]),
+        )
     if cfg.lastword_passages:
         passages = lastword_passages(corpus_test["text"], cfg.lastword_passages, ctx.seed)
         if ctx.is_main_process:

@@ -47,8 +47,10 @@ from stages.training import (
     gathered,
     head_logits_sums,
     load_compute_teacher,
+    kd_training_blocks,
     next_token_targets,
     stage_callbacks,
+    task_share_field,
     train_or_load,
 )
 
@@ -85,6 +87,7 @@ class Config(TrainerKnobs):
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="loss weights")
     calibration_batches: int = Field(4, ge=1, description="batches used to initialise thresholds before step 1")
+    task_share: float = task_share_field()
     teacher_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bf16 halves the teacher's memory on GPU")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (paper scale: 2e-5)")
     logging_steps: int = Field(20, ge=1, description="log losses, λ and firing rates every N steps")
@@ -221,6 +224,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     # --- check every input before the first step: a bad one must not cost a training run
     if len(corpus["train"]) == 0 or len(corpus["train"][0]["input_ids"]) == 0:
         raise ValueError(f"stages.distill: the corpus at {data_dir / 'corpus'} has no tokens to distil on")
+    train_blocks = kd_training_blocks(corpus, cfg.task_share, ctx.seed, "distill")
     teacher = load_compute_teacher(teacher_dir, ctx, dtype=cfg.teacher_dtype)
     check_vocab(teacher, tokenizer, f"stages.distill: teacher {teacher_dir}")
     neurons = {placement: cfg.neuron.to_config() for placement in cfg.placement}
@@ -260,7 +264,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     trainer = DistillTrainer(
         model=student,
         args=build_training_args(cfg, ctx),
-        train_dataset=corpus["train"],
+        train_dataset=train_blocks,
         data_collator=collate_blocks,
         processing_class=tokenizer,
         teacher=teacher,

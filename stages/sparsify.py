@@ -71,8 +71,10 @@ from stages.training import (
     gathered,
     head_logits_sums,
     load_compute_teacher,
+    kd_training_blocks,
     next_token_targets,
     stage_callbacks,
+    task_share_field,
     train_or_load,
 )
 
@@ -168,6 +170,7 @@ class Config(TrainerKnobs):
     teacher: str | None = local_path(kind="folder", description="teacher model folder (None: the teacher stage's output)")
     sgc: SGCConfig | Literal[False] = Field(False, description="SGC schedule for the refined neurons, or false (MAR: pure spikes)")
     calibration_batches: int = Field(4, ge=1, description="batches used to calibrate new / changed neurons before step 1")
+    task_share: float = task_share_field()
     threshold_init: Literal["calibrate", "inherit"] = Field(
         "calibrate",
         description="a changed neuron starts from a percentile calibration, or (inherit) from the distilled "
@@ -487,6 +490,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     # --- check every input before the first step: a bad one must not cost a training run
     if len(corpus["train"]) == 0 or len(corpus["train"][0]["input_ids"]) == 0:
         raise ValueError(f"stages.sparsify: the corpus at {data_dir / 'corpus'} has no tokens to train on")
+    train_blocks = kd_training_blocks(corpus, cfg.task_share, ctx.seed, "sparsify")
     distilled = spiking.SpikingMambaForCausalLM.from_pretrained(distill_dir)
     teacher, teacher_dir = _load_teacher(cfg, ctx)
     distilled.to(teacher.device)
@@ -552,7 +556,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     trainer = SparsifyTrainer(
         model=student,
         args=args,
-        train_dataset=corpus["train"],
+        train_dataset=train_blocks,
         data_collator=collate_blocks,
         processing_class=tokenizer,
         teacher=teacher,

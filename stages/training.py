@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 import torch.utils.checkpoint
+from datasets import Dataset, DatasetDict, interleave_datasets
 from pydantic import Field, field_validator
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -94,6 +95,32 @@ class TrainerKnobs(StrictModel):
     @classmethod
     def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         return check_trainer_keys(value)
+
+
+def task_share_field() -> Any:
+    """The `task_share` knob of the KD stages (distill, sparsify): one description for both."""
+    return Field(
+        0.0, ge=0, lt=1, description="fraction of the training blocks drawn from the worked task examples alone "
+        "(corpus/task, written when stages.data.task_in_corpus is set), on top of those already in the corpus: "
+        "more of the KD signal on the task's answers; 0: the corpus as the teacher saw it",
+    )
+
+
+def kd_training_blocks(corpus: DatasetDict, task_share: float, seed: int, stage: str) -> Dataset:
+    """The blocks a KD stage trains on: the corpus's training blocks, or with `task_share` > 0 a
+    seeded mix in which that share of the draws comes from corpus/task (the worked examples,
+    repeated as needed; `datasets.interleave_datasets`, every block of both seen at least once)."""
+    if not task_share:
+        return corpus["train"]
+    if "task" not in corpus or len(corpus["task"]) == 0:
+        raise ValueError(
+            f"stages.{stage}.task_share={task_share} needs the worked task examples the data stage writes to corpus/task: "
+            "set stages.data.task_in_corpus (with a prompt_source), or task_share: 0"
+        )
+    return interleave_datasets(
+        [corpus["train"], corpus["task"]], probabilities=[1 - task_share, task_share], seed=seed,
+        stopping_strategy="all_exhausted",
+    )
 
 
 def build_training_args(cfg: TrainerKnobs, ctx: StageContext, **overrides) -> TrainingArguments:

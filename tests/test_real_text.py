@@ -106,6 +106,17 @@ def test_data_stage_with_real_text_and_reasoning_gym_problems(tmp_path):
     assert not any(p in stream for p in test["prompt"])
     assert not any(p + a in stream for p, a in zip(rl["prompt"], rl["answer"]))
     assert "Answer: " in stream  # ... but worked problems are there
+    # ... and alone in corpus/task, once each: every problem there is one of the corpus's, none held out
+    task_stream = tokenizer.decode([t for block in load_from_disk(str(out / "corpus"))["task"]["input_ids"] for t in block])
+    assert len(load_from_disk(str(out / "corpus"))["task"]) == metrics["task_blocks"] > 0
+    worked = [w for w in task_stream.split(tokenizer.eos_token)[1:-1]]  # the first and last may be cut by packing
+    assert len(worked) > 100 and all(w.startswith(tokenizer.bos_token + "State the final answer") for w in worked)
+    for w in worked:  # each a worked problem with its right answer: "... a ± b =\nAnswer: c"
+        question, answer = w.rsplit(" =\nAnswer: ", 1)
+        a, sign, b = question.split()[-3:]
+        assert int(answer) == (int(a) + int(b) if sign == "+" else int(a) - int(b))
+    assert sum(w in stream for w in worked) > 0.9 * len(worked)  # the same problems (packing cuts a few in train)
+    assert not any(p in task_stream for p in test["prompt"]) and not any(p in task_stream for p in rl["prompt"])
     # the BPE tokenizer trained here: its size, byte-level round trip of any string, <bos> first
     assert len(tokenizer) == metrics["vocab_size"] == 600
     text = "def f(x):\n    return x ** 2  # ünïcode ✓"
@@ -130,6 +141,26 @@ def test_task_repeats_multiply_the_worked_examples(tmp_path):
     assert twice["corpus_examples"] == once["corpus_examples"] + 200
     task_tokens = once["task_token_share"] * once["corpus_train_tokens"]
     assert twice["task_token_share"] * twice["corpus_train_tokens"] == pytest.approx(2 * task_tokens, rel=1e-9)
+
+
+def test_task_share_mixes_the_worked_examples_into_kd_training(tmp_path):
+    from datasets import DatasetDict
+
+    from stages.training import kd_training_blocks
+
+    corpus = DatasetDict(train=Dataset.from_dict({"input_ids": [[i] for i in range(900)]}),
+                         task=Dataset.from_dict({"input_ids": [[-i - 1] for i in range(30)]}))
+    assert kd_training_blocks(corpus, 0.0, seed=0, stage="distill") is corpus["train"]
+    mixed = kd_training_blocks(corpus, 0.25, seed=0, stage="distill")
+    ids = [block[0] for block in mixed["input_ids"]]
+    assert set(ids) == set(range(900)) | {-i - 1 for i in range(30)}  # every block of both at least once
+    share = sum(i < 0 for i in ids) / len(ids)
+    assert 0.22 < share < 0.28  # a quarter of the draws: each worked block about 10 times
+    assert [b[0] for b in kd_training_blocks(corpus, 0.25, seed=0, stage="distill")["input_ids"]] == ids  # seeded
+    # a corpus without worked examples: the recipe field named, before any training
+    for bad in (DatasetDict(train=corpus["train"]), DatasetDict(train=corpus["train"], task=corpus["task"].select([]))):
+        with pytest.raises(ValueError, match=r"stages.sparsify.task_share=0.3 needs .*stages.data.task_in_corpus"):
+            kd_training_blocks(bad, 0.3, seed=0, stage="sparsify")
 
 
 def test_lastword_passages_by_hand():
