@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import time
 
 import pytest
@@ -49,8 +50,15 @@ def test_sigkill_at_a_random_step_then_rerun_resumes(stage, tmp_path, tmp_path_f
             assert child.poll() is None, child.stderr.read()
             time.sleep(0.005)
         if stage == "teacher":  # two runs on one folder: the second one is refused with the holder's pid
-            assert main(["run", str(recipe)]) == 2
-            assert f"in use by pid {child.pid}" in capsys.readouterr().err
+            # paused while the second run plans (its code hashing takes longer than the tiny teacher's
+            # remaining steps on a fast machine: the child could finish and free the lock first)
+            child.send_signal(signal.SIGSTOP)
+            try:
+                assert child.poll() is None and logged_step(run_dir / stage) < max_steps(stage), "the child had finished"
+                assert main(["run", str(recipe)]) == 2
+                assert f"in use by pid {child.pid}" in capsys.readouterr().err
+            finally:
+                child.send_signal(signal.SIGCONT)
         killed_at = kill_at_step(child, run_dir / stage, kill_step)
     finally:
         if child.poll() is None:
